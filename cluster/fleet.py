@@ -1,0 +1,56 @@
+"""The rollout workers as one thing: spread prompts over them, sync them, check every ack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.data import Prompt
+from cluster.plan import split_evenly
+from cluster.records import Group, SyncAck
+
+
+class SyncError(RuntimeError):
+    """A rollout worker did not confirm the policy version it was sent."""
+
+
+class Fleet:
+    def __init__(self, workers: list[Any]) -> None:
+        self.workers = workers
+
+    def generate(self, prompts: list[Prompt], group_size: int, seeds: list[int] | None, greedy: bool = False) -> list[Group]:
+        """Contiguous slices per worker, results back in prompt order."""
+        import ray
+
+        counts = _even_counts(len(prompts), len(self.workers))
+        pairs = [(p.index, p.token_ids) for p in prompts]
+        seed_slices = split_evenly(seeds, counts) if seeds is not None else [None] * len(counts)
+        futures = [
+            worker.generate.remote(chunk, group_size, chunk_seeds, greedy)
+            for worker, chunk, chunk_seeds in zip(self.workers, split_evenly(pairs, counts), seed_slices)
+            if chunk
+        ]
+        return [group for part in ray.get(futures) for group in part]
+
+    def sync(self, update_ref: Any, version: int, checksum: str) -> list[SyncAck]:
+        """Every worker loads the same object-store copy; any wrong or missing ack stops the run."""
+        import ray
+
+        futures = [worker.load.remote(update_ref) for worker in self.workers]
+        acks: list[SyncAck] = []
+        for index, future in enumerate(futures):
+            try:
+                ack = ray.get(future)
+            except ray.exceptions.RayError as err:
+                raise SyncError(f"rollout worker {index} failed while loading policy v{version}: {err}") from None
+            if ack.version != version or ack.checksum != checksum:
+                raise SyncError(
+                    f"rollout worker {index} acknowledged policy v{ack.version} with checksum {ack.checksum}, "
+                    f"expected v{version} with checksum {checksum}: its weights differ from the learner's"
+                )
+            acks.append(ack)
+        return acks
+
+
+def _even_counts(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]

@@ -1,0 +1,87 @@
+"""Where actors run and what they reserve. The only place resources are set (never on actor classes).
+
+`split`: the learner on its own resources, N rollout workers in a placement group of one bundle
+each (SPREAD over nodes). `colocate`: the learner and one engine on the same GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Bundle:
+    role: str
+    cpus: float
+    gpus: float
+
+
+def plan_bundles(cfg: RunConfig) -> list[Bundle]:
+    """What each actor reserves, learner first. In colocate mode the engine shares the learner's GPU."""
+    learner = Bundle("learner", cfg.learner.num_cpus, float(cfg.learner.num_gpus))
+    rollout_gpus = cfg.rollout.num_gpus_per_worker * cfg.rollout.tensor_parallel_size
+    if cfg.placement == "colocate":
+        # Ray cannot split one GPU between two actors by bundles; the engine asks for a sliver of it.
+        rollout_gpus = min(rollout_gpus, 0.1) if rollout_gpus else 0.0
+    workers = [Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus)
+               for i in range(cfg.rollout.num_workers)]
+    return [learner, *workers]
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment every rollout actor starts with (set before vLLM is imported)."""
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine inside the actor: tensors reach it without a copy
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # several engines share a CPU machine; don't pin them all
+        "OMP_NUM_THREADS": str(cfg.rollout.threads_per_worker),
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def learner_env(cfg: RunConfig) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(cfg.learner.threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any], Any]:
+    """(learner, rollout workers, placement group); actors start in parallel."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from learner.learner import Learner
+    from rollout.worker import RolloutWorker
+
+    learner_bundle, *worker_bundles = plan_bundles(cfg)
+    learner = (
+        ray.remote(Learner)
+        .options(num_cpus=learner_bundle.cpus, num_gpus=learner_bundle.gpus,
+                 runtime_env={"env_vars": learner_env(cfg)}, name=None)
+        .remote(model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
+    )
+    group = placement_group(
+        [_resources(b) for b in worker_bundles], strategy="SPREAD" if cfg.placement == "split" else "PACK"
+    )
+    ray.get(group.ready())
+    lora_rank = cfg.learner.lora.rank if cfg.sync == "adapter" else None
+    workers = [
+        ray.remote(RolloutWorker)
+        .options(
+            num_cpus=bundle.cpus, num_gpus=bundle.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            runtime_env={"env_vars": worker_env(cfg)},
+        )
+        .remote(i, model, cfg.rollout, cfg.seed, lora_rank)
+        for i, bundle in enumerate(worker_bundles)
+    ]
+    return learner, workers, group
+
+
+def _resources(bundle: Bundle) -> dict[str, float]:
+    resources = {"CPU": bundle.cpus}
+    if bundle.gpus:
+        resources["GPU"] = bundle.gpus
+    return resources

@@ -1,0 +1,88 @@
+"""The records that cross actor boundaries; nothing else does.
+
+Plain dataclasses of Python lists and numbers (tensors only inside WeightUpdate), so they pickle
+cheaply through Ray and stay readable in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: tokens, the sampler's per-token logprobs, why it stopped."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (an EOS id) or "length" (hit max_new_tokens)
+    text: str
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class Group:
+    """All completions for one prompt, tagged with the policy version that sampled them."""
+
+    prompt_index: int  # index of the row in the dataset it came from
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    policy_version: int
+    worker: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's scored groups: what the learner trains on."""
+
+    groups: list[Group]
+    rewards_P_G: list[list[float | None]]  # None: reward masked (raised, timed out, NaN, ...)
+    max_new_tokens: int
+
+    def __post_init__(self) -> None:
+        shapes = [len(g.completions) for g in self.groups]
+        if shapes != [len(r) for r in self.rewards_P_G]:
+            raise ValueError(f"rewards shape {[len(r) for r in self.rewards_P_G]} != groups {shapes}")
+
+
+@dataclass
+class WeightUpdate:
+    """What a rollout worker needs to run the learner's current policy.
+
+    mode "merged": `tensors` are dense weights under the checkpoint's parameter names, complete
+    for every fused engine module they touch. mode "adapter": `tensors` is a PEFT adapter state
+    dict and `adapter_config` its config, served through vLLM LoRA.
+    """
+
+    version: int
+    mode: Literal["merged", "adapter"]
+    tensors: list[tuple[str, Any]]
+    checksum: str
+    adapter_config: dict[str, Any] | None = None
+    base_weights: bool = False  # True when these are the dequantized base layers sent once at start
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors)
+
+
+@dataclass(frozen=True)
+class SyncAck:
+    """A rollout worker's receipt for a WeightUpdate."""
+
+    worker: int
+    version: int
+    checksum: str
+    seconds: float
+
+
+@dataclass
+class StepMetrics:
+    """Everything logged for one step; `values` is flat name -> number."""
+
+    step: int
+    values: dict[str, float] = field(default_factory=dict)

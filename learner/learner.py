@@ -1,0 +1,233 @@
+"""Learner: the Ray actor that trains the QLoRA policy and exports it for the rollout workers.
+
+Coarse verbs: `train_step(batch)`, `export(...)`, `weight_names()`. The math is in learner/grpo.py;
+this file only moves tensors between it and the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from cluster.records import Batch, WeightUpdate
+from learner.config import LearnerConfig
+from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
+from learner.logprobs import completion_logprobs, pack
+from learner.merge import merged_weights, modules_to_send, parameter_names
+from learner.model import load_policy, torch_dtype
+from rollout.checksum import weights_checksum
+
+
+class Learner:
+    def __init__(
+        self, model: str, cfg: LearnerConfig, seed: int, temperature: float, rollout_dtype: str,
+        pad_id: int,
+    ) -> None:
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.temperature = temperature
+        self.pad_id = pad_id
+        self.rollout_dtype = torch_dtype(rollout_dtype)
+        self.policy = load_policy(model, cfg, seed=seed, device=self.device)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.loss_settings = LossSettings(
+            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, beta=cfg.loss.beta,
+            aggregation=cfg.loss.aggregation, tis_cap=cfg.loss.tis_cap,
+        )
+        self.version = 0  # bumped by every optimiser step pass over a batch
+        self.packed_modules: dict[str, list[str]] = {}
+
+    # ---- policy sync -------------------------------------------------------------------------
+
+    def weight_names(self, packed_modules: dict[str, list[str]]) -> list[str]:
+        """Checkpoint parameter names a full merged sync sends; remembers the engine's fusion map."""
+        self.packed_modules = packed_modules
+        modules = modules_to_send(self.policy, packed_modules, include_base=True)
+        return parameter_names(self.policy, modules)
+
+    def export(self, kind: str, include_base: bool = False) -> WeightUpdate:
+        """The current policy for the rollout side.
+
+        kind "merged": dense merged weights of the adapted layers (plus every 4-bit layer when
+        `include_base`); "base": the dequantized 4-bit layers without the adapter (adapter sync's
+        first step); "adapter": the PEFT adapter for vLLM LoRA.
+        """
+        if kind == "adapter":
+            tensors, config = self._adapter_tensors()
+            return WeightUpdate(version=self.version, mode="adapter", tensors=tensors,
+                                checksum=weights_checksum(tensors), adapter_config=config)
+        with_base = include_base or kind == "base"
+        modules = modules_to_send(self.policy, self.packed_modules, include_base=with_base)
+        tensors = list(merged_weights(self.policy, modules, self.rollout_dtype, with_lora=kind == "merged"))
+        return WeightUpdate(version=self.version, mode="merged", tensors=tensors,
+                            checksum=weights_checksum(tensors), base_weights=with_base)
+
+    def export_for_sync(self, kind: str, include_base: bool) -> tuple[WeightUpdate, tuple[int, str]]:
+        """Called with num_returns=2: the driver reads only the small (version, checksum) summary,
+        and passes the update's object ref to every worker, so the weights never pass through it."""
+        update = self.export(kind, include_base)
+        return update, (update.version, update.checksum)
+
+    def _adapter_tensors(self) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.policy)
+        tensors = [(name, tensor.detach().to("cpu", torch.float32).contiguous()) for name, tensor in state.items()]
+        config = self.policy.peft_config["default"].to_dict()
+        config["target_modules"] = sorted(config["target_modules"])
+        return tensors, {k: v for k, v in config.items() if _json_safe(v)}
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One GRPO update on a scored batch; returns the step's learner metrics."""
+        start = time.perf_counter()
+        rows = _flatten(batch)
+        rewards_P_G = torch.tensor(
+            [[math.nan if r is None else r for r in group] for group in batch.rewards_P_G], dtype=torch.float32
+        )
+        valid_P_G = ~torch.isnan(rewards_P_G)
+        advantages_B = group_advantages(rewards_P_G, valid_P_G, scale_by_std=self.cfg.loss.scale_advantages_by_std)
+        advantages_B = advantages_B.reshape(-1)
+        valid_B = valid_P_G.reshape(-1)
+        lengths_B = torch.tensor([len(r["completion"]) for r in rows])
+        steps_T = torch.arange(max(1, int(lengths_B.max())))
+        full_mask_B_T = (steps_T[None, :] < lengths_B[:, None]) & valid_B[:, None]
+        normaliser = loss_normaliser(full_mask_B_T, self.cfg.loss.aggregation, batch.max_new_tokens)
+        micro_batches = self._micro_batches(rows)
+
+        self.policy.train()
+        fixed = self._fixed_logprobs(rows, micro_batches)
+        pass_metrics = []
+        for _ in range(self.cfg.passes):
+            self.optimizer.zero_grad(set_to_none=True)
+            parts = [
+                self._accumulate(rows, indices, advantages_B, valid_B, normaliser, fixed)
+                for indices in micro_batches
+            ]
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm
+            )
+            self.optimizer.step()
+            self.scheduler.step()
+            merged = combine_metrics(parts)
+            merged["grad_norm"] = float(grad_norm)
+            pass_metrics.append(merged)
+        self.version += 1
+
+        metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/advantage_abs_mean"] = float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
+        metrics["train/seconds"] = time.perf_counter() - start
+        metrics.update(fixed["mismatch"])
+        return metrics
+
+    def _micro_batches(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+        # Similar lengths together: less padding per forward. Order does not change the gradient.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]) + len(rows[i]["completion"]))
+        size = self.cfg.micro_batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    @torch.no_grad()
+    def _fixed_logprobs(self, rows: list[dict[str, Any]], micro_batches: list[list[int]]) -> dict[str, Any]:
+        """Logprobs that stay fixed during the update: the pre-update policy's and the reference's.
+
+        With one pass the pre-update logprobs equal the first forward's, so they are taken from it
+        (detached) instead of a second forward. The reference is this model with the adapter off.
+        """
+        old: dict[int, torch.Tensor] = {}
+        ref: dict[int, torch.Tensor] = {}
+        need_old = self.cfg.passes > 1 or self.cfg.loss.tis_cap is not None
+        for indices in micro_batches:
+            packed = self._pack(rows, indices)
+            if need_old:
+                logprobs, _ = completion_logprobs(self.policy, packed, self.temperature)
+                old.update({i: logprobs[k] for k, i in enumerate(indices)})
+            if self.cfg.loss.beta > 0:
+                with self.policy.disable_adapter():
+                    ref_logprobs, _ = completion_logprobs(self.policy, packed, self.temperature)
+                ref.update({i: ref_logprobs[k] for k, i in enumerate(indices)})
+        return {"old": old, "ref": ref, "mismatch": _mismatch(rows, old)}
+
+    def _accumulate(
+        self, rows: list[dict[str, Any]], indices: list[int], advantages_B: torch.Tensor, valid_B: torch.Tensor,
+        normaliser: float, fixed: dict[str, Any],
+    ) -> dict[str, float]:
+        packed = self._pack(rows, indices)
+        logprobs_B_T, entropy_B_T = completion_logprobs(self.policy, packed, self.temperature, with_entropy=True)
+        width = logprobs_B_T.shape[1]
+        mask_B_T = packed.completion_mask_B_T & valid_B[indices].to(self.device)[:, None]
+        old_B_T = (
+            _stack([fixed["old"][i] for i in indices], width) if fixed["old"] else logprobs_B_T.detach()
+        )
+        ref_B_T = _stack([fixed["ref"][i] for i in indices], width) if fixed["ref"] else None
+        sampler_B_T = _stack([torch.tensor(rows[i]["sampler_logprobs"]) for i in indices], width).to(self.device)
+        loss, metrics = grpo_loss(
+            logprobs_B_T, old_B_T, advantages_B[indices].to(self.device), mask_B_T, self.loss_settings, normaliser,
+            ref_logprobs_B_T=ref_B_T,
+            sampler_logprobs_B_T=sampler_B_T if self.loss_settings.tis_cap is not None else None,
+        )
+        loss.backward()
+        assert entropy_B_T is not None
+        token_mask = packed.completion_mask_B_T
+        metrics["entropy"] = float(entropy_B_T[token_mask].mean()) if token_mask.any() else 0.0
+        return metrics
+
+    def _pack(self, rows: list[dict[str, Any]], indices: list[int]) -> Any:
+        return pack([rows[i]["prompt"] for i in indices], [rows[i]["completion"] for i in indices],
+                    self.pad_id, self.device)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def save_adapter(self, directory: str) -> None:
+        self.policy.save_pretrained(directory)
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+
+
+def _flatten(batch: Batch) -> list[dict[str, Any]]:
+    return [
+        {"prompt": g.prompt_token_ids, "completion": c.token_ids, "sampler_logprobs": c.logprobs}
+        for g in batch.groups
+        for c in g.completions
+    ]
+
+
+def _stack(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width, dtype=torch.float32, device=rows[0].device if rows else "cpu")
+    for k, row in enumerate(rows):
+        n = min(width, row.shape[0])
+        out[k, :n] = row[:n]
+    return out
+
+
+def _mismatch(rows: list[dict[str, Any]], old: dict[int, torch.Tensor]) -> dict[str, float]:
+    """|learner - sampler| logprob gap on sampled tokens: near 0 when the sync is exact."""
+    gaps = [
+        (old[i][: len(r["completion"])].cpu() - torch.tensor(r["sampler_logprobs"])).abs()
+        for i, r in enumerate(rows)
+        if i in old and r["completion"]
+    ]
+    if not gaps:
+        return {}
+    flat = torch.cat(gaps)
+    return {"sync/logprob_gap_mean": float(flat.mean()), "sync/logprob_gap_max": float(flat.max())}
+
+
+def _json_safe(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True

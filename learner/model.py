@@ -1,0 +1,57 @@
+"""Load the policy: a frozen 4-bit NF4 base (bitsandbytes) with a trainable PEFT LoRA adapter on top."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from learner.config import LearnerConfig
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
+    """The PEFT model; the adapter is initialised from `seed`, everything else is frozen.
+
+    The base loads through `from_pretrained`, the same call whether `model` is a hub id or a directory.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch_dtype(cfg.compute_dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    base.config.use_cache = False
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.module_names(),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    policy = get_peft_model(base, lora)
+    for name, param in policy.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)  # LoRA weights in the compute dtype, like the base's matmuls
+            assert "lora_" in name, f"only LoRA parameters may train, found trainable '{name}'"
+    return policy

@@ -1,0 +1,139 @@
+"""A thin wrapper around one vLLM engine: sample groups from token ids, load new policy weights.
+
+Everything vLLM-specific on the rollout side lives here, so a vLLM upgrade touches one file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cluster.records import Completion
+from rollout.config import RolloutConfig
+
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_EXTENSION = "rollout.worker_extension.GrpoWorkerExtension"
+
+
+def model_eos_ids(model: str) -> list[int]:
+    """Every EOS id the model's generation config and tokenizer name (Qwen-style models have two)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass  # no generation_config.json: the tokenizer's EOS below still applies
+    tokenizer_eos = AutoTokenizer.from_pretrained(model).eos_token_id
+    if tokenizer_eos is not None:
+        ids.append(tokenizer_eos)
+    return sorted(set(ids))
+
+
+class RolloutEngine:
+    """One vLLM `LLM` in this process, sampling with the processed (temperature-scaled) logprobs."""
+
+    def __init__(self, model: str, cfg: RolloutConfig, seed: int, lora_rank: int | None = None) -> None:
+        # The engine must live in this process (a Ray actor) so tensors reach it without a copy.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.eos_ids = model_eos_ids(model)
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            dtype=cfg.dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            worker_extension_cls=_EXTENSION,
+            # Processed logprobs include temperature; the learner scales its logits the same way.
+            logprobs_mode="processed_logprobs",
+        )
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb * 2**20
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
+        self.llm = LLM(**kwargs)
+        self._lora_request: Any = None
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="grpo-ray-adapter-"))
+
+    def generate(
+        self, prompts: list[list[int]], n: int, seeds: list[int] | None = None, greedy: bool = False
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt (token-id prompts), with each sampled token's logprob."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = self.cfg.sampling
+        params = []
+        for i in range(len(prompts)):
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=0.0 if greedy else sampling.temperature,
+                    top_p=1.0 if greedy else sampling.top_p,
+                    top_k=-1 if greedy else sampling.top_k,
+                    max_tokens=sampling.max_new_tokens,
+                    stop_token_ids=self.eos_ids,
+                    logprobs=None if greedy else 0,
+                    seed=None if seeds is None else seeds[i],
+                    skip_special_tokens=True,
+                )
+            )
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
+        return [[_completion(sample) for sample in output.outputs] for output in outputs]
+
+    def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
+        self.llm.collective_rpc("grpo_load_weights", args=(named_tensors,))
+
+    def load_adapter(self, tensors: list[tuple[str, Any]], adapter_config: dict[str, Any], version: int) -> None:
+        """Write the adapter locally (vLLM LoRA loads from a path) and serve it from now on."""
+        import json
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        save_file(dict(tensors), str(self._adapter_dir / "adapter_model.safetensors"))
+        (self._adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
+        # One LoRA slot, replaced in place each version; the id stays 1 so vLLM reuses the slot.
+        self._lora_request = LoRARequest(f"policy-v{version}", 1, str(self._adapter_dir), load_inplace=True)
+
+    def parameter_names(self) -> list[str]:
+        return list(self.llm.collective_rpc("grpo_parameter_names")[0])
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        return dict(self.llm.collective_rpc("grpo_packed_modules")[0])
+
+    def sleep(self) -> None:
+        """GPU colocate mode: free weights and KV cache while the learner trains (CUDA only)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+
+def _completion(sample: Any) -> Completion:
+    logprobs = [] if sample.logprobs is None else [step[tok].logprob for tok, step in zip(sample.token_ids, sample.logprobs)]
+    return Completion(
+        token_ids=list(sample.token_ids),
+        logprobs=logprobs,
+        finish_reason=str(sample.finish_reason),
+        text=sample.text,
+    )
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    for allowed in _VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest supported rank {_VLLM_LORA_RANKS[-1]}")

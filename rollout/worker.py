@@ -1,0 +1,72 @@
+"""RolloutWorker: the Ray actor that owns one vLLM engine.
+
+Coarse verbs only: `generate`, `load`, `check_weight_names`. Resources (CPUs, GPUs, placement) are
+chosen in cluster/placement.py; this class knows nothing about them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cluster.records import Group, SyncAck, WeightUpdate
+from rollout.checksum import weights_checksum
+from rollout.config import RolloutConfig
+from rollout.weight_names import check_names
+
+
+class RolloutWorker:
+    def __init__(
+        self, index: int, model: str, cfg: RolloutConfig, seed: int, lora_rank: int | None = None
+    ) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cfg.threads_per_worker)
+        from rollout.engine import RolloutEngine
+
+        self.index = index
+        self.version = -1  # -1: still the checkpoint's own weights, never the learner's policy
+        self.engine = RolloutEngine(model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank)
+
+    def generate(
+        self, prompts: list[tuple[int, list[int]]], group_size: int, seeds: list[int] | None = None,
+        greedy: bool = False,
+    ) -> list[Group]:
+        """One group of `group_size` completions per (row index, prompt token ids)."""
+        if self.version < 0 and not greedy:
+            raise RuntimeError(
+                f"rollout worker {self.index} has not received the learner's policy yet; "
+                "the driver must sync before sampling"
+            )
+        samples = self.engine.generate([ids for _, ids in prompts], n=group_size, seeds=seeds, greedy=greedy)
+        return [
+            Group(prompt_index=row, prompt_token_ids=ids, completions=completions,
+                  policy_version=self.version, worker=self.index)
+            for (row, ids), completions in zip(prompts, samples)
+        ]
+
+    def load(self, update: WeightUpdate) -> SyncAck:
+        """Load the learner's new policy in place; the ack carries what was actually received."""
+        start = time.perf_counter()
+        checksum = weights_checksum(update.tensors)
+        if checksum == update.checksum:
+            if update.mode == "merged":
+                self.engine.load_weights(update.tensors)
+            else:
+                assert update.adapter_config is not None, "adapter updates carry their PEFT config"
+                self.engine.load_adapter(update.tensors, update.adapter_config, update.version)
+            self.version = update.version
+        # A bad checksum is reported, not raised: the driver names this worker and stops the run.
+        return SyncAck(worker=self.index, version=self.version, checksum=checksum,
+                       seconds=time.perf_counter() - start)
+
+    def check_weight_names(self, checkpoint_names: list[str]) -> list[str]:
+        """Problems mapping the learner's parameter names onto this engine (empty list: all map)."""
+        return check_names(checkpoint_names, self.engine.parameter_names(), self.engine.packed_modules())
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        return self.engine.packed_modules()
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "version": self.version, "eos_ids": self.engine.eos_ids}
