@@ -1,0 +1,84 @@
+"""Reward settings: which functions score completions, how they combine, and how failures are handled.
+
+Imports only pydantic and :mod:`rewards.builtin` (plain python), so a config is checked without torch,
+and without importing user reward modules — :func:`rewards.builtin.resolve` does that in the scorer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rewards.builtin import check_builtin_kwargs, check_function_name
+
+
+class RewardTerm(BaseModel):
+    """One weighted reward function; the combined reward is sum over terms of weight * value."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    function: str = Field(
+        description="Built-in name (numeric_match, math_verify, format, length_penalty, exact_match) or 'module:function'."
+    )
+    weight: float = Field(
+        default=1.0, allow_inf_nan=False, description="Multiplier of this term in the combined reward."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the function."
+    )
+    name: str | None = Field(
+        default=None, min_length=1, description="Label in metrics (reward/<name>/...); defaults to function."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _known_function(cls, function: str) -> str:
+        check_function_name(function)  # RewardConfigError is a ValueError: pydantic reports it on the field
+        return function
+
+    @model_validator(mode="after")
+    def _builtin_kwargs(self) -> RewardTerm:
+        check_builtin_kwargs(self.function, self.kwargs)
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name used in metrics and error messages."""
+        return self.name or self.function
+
+
+class RewardsConfig(BaseModel):
+    """The reward terms and the limits of the isolated scorer that runs them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    terms: list[RewardTerm] = Field(
+        min_length=1, description="Reward terms; the sample's reward is their weighted sum."
+    )
+    timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Time limit per sample; a batch call gets timeout_s × its size.",
+    )
+    max_masked_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Stop the run if any term masks more than this fraction of one batch.",
+    )
+    num_workers: int = Field(
+        default=1, ge=1, description="Worker processes that run reward functions in parallel."
+    )
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> RewardsConfig:
+        labels = [t.label for t in self.terms]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(
+                f"reward terms need distinct names for their metrics, but {dupes} appear more than once; "
+                f"give each term its own `name:`"
+            )
+        return self
