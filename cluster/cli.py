@@ -9,7 +9,9 @@ from cluster.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grpo-ray", description="Distributed GRPO with vLLM, Ray and QLoRA.")
+    parser = argparse.ArgumentParser(
+        prog="grpo-ray", description="Distributed GRPO with vLLM, Ray and QLoRA."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "run GRPO training from a YAML config"),
@@ -17,8 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("config", help="path to a YAML run config, e.g. configs/demo.yaml")
-        sub.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="dotted overrides, e.g. steps=5 learner.lora.rank=8")
+        sub.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. steps=5 learner.lora.rank=8",
+        )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -26,22 +26,31 @@ class ConfigError(ValueError):
 
 class DataConfig(Strict):
     train_files: list[str] = Field(description="JSONL/Parquet/CSV files with the training prompts.")
-    eval_files: list[str] = Field(default_factory=list, description="Held-out files for evaluation (empty: no eval).")
+    eval_files: list[str] = Field(
+        default_factory=list, description="Held-out files for evaluation (empty: no eval)."
+    )
     question_field: str = Field("question", description="Row field rendered into the user message.")
     answer_field: str = Field("answer", description="Row field holding the gold answer.")
     gold_format: Literal["plain", "gsm8k"] = Field(
         "plain", description="How the gold is read from answer_field: as is, or the text after '####'."
     )
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    user_template: str = Field("{question}", description="User message; {question} is replaced by the row's question.")
-    max_prompt_tokens: int = Field(256, ge=1, description="Prompts longer than this are dropped at load and counted.")
+    user_template: str = Field(
+        "{question}", description="User message; {question} is replaced by the row's question."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="Prompts longer than this are dropped at load and counted."
+    )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A row missing a needed field: stop with its index, or skip it and count it."
     )
     correctness: Literal["numeric_match", "math_verify", "exact_match"] = Field(
-        "numeric_match", description="Built-in matcher that decides whether an answer is correct (accuracy, eval)."
+        "numeric_match",
+        description="Built-in matcher that decides whether an answer is correct (accuracy, eval).",
     )
-    eval_max_prompts: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out rows.")
+    eval_max_prompts: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out rows."
+    )
 
 
 class LoggingConfig(Strict):
@@ -62,12 +71,16 @@ class RunConfig(Strict):
     prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
     group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group).")
     sync: Literal["merged", "adapter"] = Field(
-        "merged", description="Policy sync: merged dense weights reloaded in place, or the LoRA adapter via vLLM LoRA."
+        "merged",
+        description="Policy sync: merged dense weights reloaded in place, or the LoRA adapter via vLLM LoRA.",
     )
     placement: Literal["split", "colocate"] = Field(
-        "split", description="'split': learner and rollout workers on separate resources; 'colocate': one GPU."
+        "split",
+        description="'split': learner and rollout workers on separate resources; 'colocate': one GPU.",
     )
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate every N steps (0: only before and after training)."
+    )
     ray_address: str | None = Field(None, description="Ray cluster address; null starts a local Ray.")
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
@@ -123,13 +136,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read a YAML config, apply `a.b.c=value` overrides, validate; ConfigError says what to fix."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file '{path}' not found; shipped configs are in {PROJECT_ROOT / 'configs'}")
+        raise ConfigError(
+            f"config file '{path}' not found; shipped configs are in {PROJECT_ROOT / 'configs'}"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping at the top level, got {type(raw).__name__}"
+        )
     for override in overrides or []:
         _apply_override(raw, override)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cluster.config import RunConfig, resolve_project_path
@@ -13,7 +14,7 @@ from cluster.evaluate import evaluate
 from cluster.fleet import Fleet, SyncError
 from cluster.metrics import MetricsSink
 from cluster.plan import derive_plan
-from cluster.records import Batch
+from cluster.records import Batch, SyncAck
 from cluster.step_stats import rollout_stats
 from rewards import RewardScorer
 from rewards.builtin import BUILTINS
@@ -25,6 +26,8 @@ class RunResult:
     accuracy_after: float | None
     seconds: float
     final_version: int
+    final_acks: list[SyncAck]
+    run_dir: Path
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -44,8 +47,10 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
         sink = MetricsSink(cfg, run_dir)
         stack.callback(sink.close)
 
-        version = _sync(cfg, learner, fleet, include_base=True)
-        before = evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", "step_0000") if held_out else {}
+        version, acks = _sync(cfg, learner, fleet, include_base=True)
+        before = (
+            evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", "step_0000") if held_out else {}
+        )
         if before:
             sink.log(0, before)
             echo(f"held-out accuracy at start: {before['eval/accuracy']:.3f}")
@@ -65,26 +70,40 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
                 correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
             rewards_P_G = _regroup(scored.rewards, cfg.group_size)
             correct_P_G = _regroup([v == 1.0 for v in correct], cfg.group_size)
-            batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+            batch = Batch(
+                groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens
+            )
             with timer("train"):
                 train_metrics = _get(learner.train_step.remote(batch))
             with timer("sync"):
-                version = _sync(cfg, learner, fleet, include_base=False)
-            values = {**rollout_stats(groups, rewards_P_G, correct_P_G), **scored.metrics, **train_metrics,
-                      **timer.values, "policy_version": float(version)}
+                version, acks = _sync(cfg, learner, fleet, include_base=False)
+            values = {
+                **rollout_stats(groups, rewards_P_G, correct_P_G),
+                **scored.metrics,
+                **train_metrics,
+                **timer.values,
+                "policy_version": float(version),
+            }
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and held_out:
-                values.update(evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{step:04d}"))
+                values.update(
+                    evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{step:04d}")
+                )
             sink.log(step, values)
             progress(step, values)
 
-        after = evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{cfg.steps:04d}") if held_out else {}
+        after = (
+            evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{cfg.steps:04d}")
+            if held_out
+            else {}
+        )
         if after:
             sink.log(cfg.steps, after)
+        _get(learner.save_adapter.remote(str(run_dir / "adapter")))
     seconds = time.perf_counter() - start
     acc_before, acc_after = before.get("eval/accuracy"), after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
-    return RunResult(acc_before, acc_after, seconds, version)
+    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir)
 
 
 def _load_tokenizer(model: str) -> Any:
@@ -95,15 +114,19 @@ def _load_tokenizer(model: str) -> Any:
 
 def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list]:
     train = build_prompts(cfg.data.train_files, cfg.data, tokenizer, cfg.seed)
-    echo(f"train prompts: {len(train.prompts)} from {train.source} "
-         f"({train.dropped_too_long} longer than {cfg.data.max_prompt_tokens} tokens dropped, "
-         f"{train.skipped_bad_rows} bad rows skipped)")
+    echo(
+        f"train prompts: {len(train.prompts)} from {train.source} "
+        f"({train.dropped_too_long} longer than {cfg.data.max_prompt_tokens} tokens dropped, "
+        f"{train.skipped_bad_rows} bad rows skipped)"
+    )
     held_out: list = []
     if cfg.data.eval_files:
         evaluation = build_prompts(cfg.data.eval_files, cfg.data, tokenizer, cfg.seed)
         held_out = sorted(evaluation.prompts, key=lambda p: p.index)[: cfg.data.eval_max_prompts]
-        echo(f"held-out prompts: {len(held_out)} from {evaluation.source} "
-             f"({evaluation.dropped_too_long} too long dropped)")
+        echo(
+            f"held-out prompts: {len(held_out)} from {evaluation.source} "
+            f"({evaluation.dropped_too_long} too long dropped)"
+        )
     return train, held_out
 
 
@@ -113,8 +136,9 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
     from cluster.placement import start_actors
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=True, include_dashboard=False,
-                 logging_level="WARNING")
+        ray.init(
+            address=cfg.ray_address, log_to_driver=True, include_dashboard=False, logging_level="WARNING"
+        )
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     learner, workers, group = start_actors(cfg, model, pad_id)
@@ -125,12 +149,16 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
     names = _get(learner.weight_names.remote(packed))
     problems = _get(workers[0].check_weight_names.remote(names))
     if problems:
-        raise SyncError("the learner's weights do not map onto the rollout engine:\n  " + "\n  ".join(problems[:10]))
-    echo(f"actors ready in {time.perf_counter() - t0:.0f} s; {len(names)} learner parameters map onto the engine")
+        raise SyncError(
+            "the learner's weights do not map onto the rollout engine:\n  " + "\n  ".join(problems[:10])
+        )
+    echo(
+        f"actors ready in {time.perf_counter() - t0:.0f} s; {len(names)} learner parameters map onto the engine"
+    )
     return learner, fleet
 
 
-def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> int:
+def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
     The first sync of a run also carries the dequantized 4-bit layers, so from step 0 the engines
@@ -140,18 +168,21 @@ def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> int
     if cfg.sync == "adapter":
         kinds = [("base", True)] if include_base and cfg.learner.quantization == "nf4" else []
         kinds.append(("adapter", False))
-    version = -1
+    version, acks = -1, []
     for kind, with_base in kinds:
         update_ref, summary_ref = learner.export_for_sync.options(num_returns=2).remote(kind, with_base)
         version, checksum = _get(summary_ref)
-        fleet.sync(update_ref, version, checksum)
-    return version
+        acks = fleet.sync(update_ref, version, checksum)
+    return version, acks
 
 
 def _prompt_seeds(cfg: RunConfig, step: int) -> list[int]:
     # A seed per prompt slot, not per worker: the same step samples the same groups whatever the
     # number of workers (vLLM gives the n samples of one request seeds seed..seed+n-1).
-    return [((cfg.seed * 1_000_003 + step) * 4099 + slot) * cfg.group_size % 2**31 for slot in range(cfg.prompts_per_step)]
+    return [
+        ((cfg.seed * 1_000_003 + step) * 4099 + slot) * cfg.group_size % 2**31
+        for slot in range(cfg.prompts_per_step)
+    ]
 
 
 def _regroup(flat: list, group_size: int) -> list[list]:
@@ -205,8 +236,11 @@ def _progress(cfg: RunConfig) -> Any:
 
     def update(step: int, values: dict[str, float]) -> None:
         bar.update(1)
-        bar.set_postfix(reward=f"{values.get('reward/mean', 0):.3f}", acc=f"{values.get('rollout/accuracy', 0):.2f}",
-                        kl=f"{values.get('train/kl_mean', 0):.4f}")
+        bar.set_postfix(
+            reward=f"{values.get('reward/mean', 0):.3f}",
+            acc=f"{values.get('rollout/accuracy', 0):.2f}",
+            kl=f"{values.get('train/kl_mean', 0):.4f}",
+        )
         if step == cfg.steps:
             bar.close()
 

@@ -17,7 +17,9 @@ class Fleet:
     def __init__(self, workers: list[Any]) -> None:
         self.workers = workers
 
-    def generate(self, prompts: list[Prompt], group_size: int, seeds: list[int] | None, greedy: bool = False) -> list[Group]:
+    def generate(
+        self, prompts: list[Prompt], group_size: int, seeds: list[int] | None, greedy: bool = False
+    ) -> list[Group]:
         """Contiguous slices per worker, results back in prompt order."""
         import ray
 
@@ -26,7 +28,9 @@ class Fleet:
         seed_slices = split_evenly(seeds, counts) if seeds is not None else [None] * len(counts)
         futures = [
             worker.generate.remote(chunk, group_size, chunk_seeds, greedy)
-            for worker, chunk, chunk_seeds in zip(self.workers, split_evenly(pairs, counts), seed_slices)
+            for worker, chunk, chunk_seeds in zip(
+                self.workers, split_evenly(pairs, counts), seed_slices, strict=True
+            )
             if chunk
         ]
         return [group for part in ray.get(futures) for group in part]
@@ -41,7 +45,9 @@ class Fleet:
             try:
                 ack = ray.get(future)
             except ray.exceptions.RayError as err:
-                raise SyncError(f"rollout worker {index} failed while loading policy v{version}: {err}") from None
+                raise SyncError(
+                    f"rollout worker {index} failed while loading policy v{version}: {err}"
+                ) from None
             if ack.version != version or ack.checksum != checksum:
                 raise SyncError(
                     f"rollout worker {index} acknowledged policy v{ack.version} with checksum {ack.checksum}, "

@@ -22,8 +22,11 @@ class MetricsSink:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb.init(
-                project=cfg.logging.wandb_project, name=cfg.name, dir=str(run_dir),
-                mode=cfg.logging.wandb_mode, config=cfg.model_dump(mode="json"),
+                project=cfg.logging.wandb_project,
+                name=cfg.name,
+                dir=str(run_dir),
+                mode=cfg.logging.wandb_mode,
+                config=cfg.model_dump(mode="json"),
             )
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -41,4 +44,6 @@ class MetricsSink:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )

@@ -26,8 +26,10 @@ def plan_bundles(cfg: RunConfig) -> list[Bundle]:
     if cfg.placement == "colocate":
         # Ray cannot split one GPU between two actors by bundles; the engine asks for a sliver of it.
         rollout_gpus = min(rollout_gpus, 0.1) if rollout_gpus else 0.0
-    workers = [Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus)
-               for i in range(cfg.rollout.num_workers)]
+    workers = [
+        Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus)
+        for i in range(cfg.rollout.num_workers)
+    ]
     return [learner, *workers]
 
 
@@ -37,7 +39,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine inside the actor: tensors reach it without a copy
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # several engines share a CPU machine; don't pin them all
         "OMP_NUM_THREADS": str(cfg.rollout.threads_per_worker),
-        "VLLM_LOGGING_LEVEL": "WARNING",
+        "VLLM_LOGGING_LEVEL": "ERROR",  # its start-up warnings are about CPU tuning, not our run
         "TOKENIZERS_PARALLELISM": "false",
     }
 
@@ -58,8 +60,12 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any
     learner_bundle, *worker_bundles = plan_bundles(cfg)
     learner = (
         ray.remote(Learner)
-        .options(num_cpus=learner_bundle.cpus, num_gpus=learner_bundle.gpus,
-                 runtime_env={"env_vars": learner_env(cfg)}, name=None)
+        .options(
+            num_cpus=learner_bundle.cpus,
+            num_gpus=learner_bundle.gpus,
+            runtime_env={"env_vars": learner_env(cfg)},
+            name=None,
+        )
         .remote(model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
     )
     group = placement_group(
@@ -70,7 +76,8 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any
     workers = [
         ray.remote(RolloutWorker)
         .options(
-            num_cpus=bundle.cpus, num_gpus=bundle.gpus,
+            num_cpus=bundle.cpus,
+            num_gpus=bundle.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             runtime_env={"env_vars": worker_env(cfg)},
         )

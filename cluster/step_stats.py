@@ -7,7 +7,9 @@ import statistics
 from cluster.records import Group
 
 
-def rollout_stats(groups: list[Group], rewards_P_G: list[list[float | None]], correct_P_G: list[list[bool]]) -> dict[str, float]:
+def rollout_stats(
+    groups: list[Group], rewards_P_G: list[list[float | None]], correct_P_G: list[list[bool]]
+) -> dict[str, float]:
     valid = [r for group in rewards_P_G for r in group if r is not None]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     truncated = [c.truncated for g in groups for c in g.completions]

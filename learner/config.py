@@ -17,7 +17,9 @@ TARGET_PRESETS: dict[str, list[str]] = {
 class LoraSettings(Strict):
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 keeps learner and sampler identical).")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 keeps learner and sampler identical)."
+    )
     target_modules: Literal["attention", "all-linear"] | list[str] = Field(
         "all-linear", description="Preset name or an explicit list of linear-module names to adapt."
     )
@@ -26,7 +28,9 @@ class LoraSettings(Strict):
     @classmethod
     def _non_empty(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
-            raise ValueError("target_modules is empty: give a preset ('attention', 'all-linear') or module names")
+            raise ValueError(
+                "target_modules is empty: give a preset ('attention', 'all-linear') or module names"
+            )
         return value
 
     def module_names(self) -> list[str]:
@@ -37,23 +41,36 @@ class LoraSettings(Strict):
 
 
 class LossConfig(Strict):
-    clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range: ratios below 1 - clip_low are clipped.")
-    clip_high: float = Field(0.28, ge=0, description="Upper clip range (DAPO clip-higher): ratios above 1 + clip_high are clipped.")
-    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 turns the KL term off.")
+    clip_low: float = Field(
+        0.2, ge=0, lt=1, description="Lower clip range: ratios below 1 - clip_low are clipped."
+    )
+    clip_high: float = Field(
+        0.28, ge=0, description="Upper clip range (DAPO clip-higher): ratios above 1 + clip_high are clipped."
+    )
+    beta: float = Field(
+        0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 turns the KL term off."
+    )
     aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
         "token_mean", description="How token losses are averaged; 'constant' is Dr. GRPO's fixed normaliser."
     )
-    scale_advantages_by_std: bool = Field(True, description="Divide advantages by the group std (False = Dr. GRPO).")
+    scale_advantages_by_std: bool = Field(
+        True, description="Divide advantages by the group std (False = Dr. GRPO)."
+    )
     tis_cap: float | None = Field(
-        2.0, gt=0, description="Truncated importance sampling cap for sampler/learner mismatch; null turns it off."
+        2.0,
+        gt=0,
+        description="Truncated importance sampling cap for sampler/learner mismatch; null turns it off.",
     )
 
 
 class LearnerConfig(Strict):
-    quantization: Literal["nf4", "none"] = Field("nf4", description="'nf4': 4-bit NF4 base (QLoRA); 'none': plain LoRA.")
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="'nf4': 4-bit NF4 base (QLoRA); 'none': plain LoRA."
+    )
     double_quant: bool = Field(True, description="Quantize the NF4 scales too (saves ~0.4 bit/param).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="dtype the 4-bit layers dequantize to for matmuls, and the LoRA weights' dtype."
+        "bfloat16",
+        description="dtype the 4-bit layers dequantize to for matmuls, and the LoRA weights' dtype.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter that is trained.")
     loss: LossConfig = Field(default_factory=LossConfig, description="The GRPO objective.")
@@ -61,9 +78,17 @@ class LearnerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; gradients accumulate over a step.")
-    passes: int = Field(1, ge=1, description="Optimisation passes over each step's batch (1 = strictly on-policy).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    num_gpus: int = Field(0, ge=0, description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Sequences per forward/backward; gradients accumulate over a step."
+    )
+    passes: int = Field(
+        1, ge=1, description="Optimisation passes over each step's batch (1 = strictly on-policy)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    num_gpus: int = Field(
+        0, ge=0, description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed."
+    )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner.")
     threads: int = Field(2, ge=1, description="CPU only: torch threads the learner uses.")

@@ -23,7 +23,12 @@ from rollout.checksum import weights_checksum
 
 class Learner:
     def __init__(
-        self, model: str, cfg: LearnerConfig, seed: int, temperature: float, rollout_dtype: str,
+        self,
+        model: str,
+        cfg: LearnerConfig,
+        seed: int,
+        temperature: float,
+        rollout_dtype: str,
         pad_id: int,
     ) -> None:
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -37,10 +42,15 @@ class Learner:
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
         self.loss_settings = LossSettings(
-            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, beta=cfg.loss.beta,
-            aggregation=cfg.loss.aggregation, tis_cap=cfg.loss.tis_cap,
+            clip_low=cfg.loss.clip_low,
+            clip_high=cfg.loss.clip_high,
+            beta=cfg.loss.beta,
+            aggregation=cfg.loss.aggregation,
+            tis_cap=cfg.loss.tis_cap,
         )
         self.version = 0  # bumped by every optimiser step pass over a batch
         self.packed_modules: dict[str, list[str]] = {}
@@ -62,13 +72,23 @@ class Learner:
         """
         if kind == "adapter":
             tensors, config = self._adapter_tensors()
-            return WeightUpdate(version=self.version, mode="adapter", tensors=tensors,
-                                checksum=weights_checksum(tensors), adapter_config=config)
+            return WeightUpdate(
+                version=self.version,
+                mode="adapter",
+                tensors=tensors,
+                checksum=weights_checksum(tensors),
+                adapter_config=config,
+            )
         with_base = include_base or kind == "base"
         modules = modules_to_send(self.policy, self.packed_modules, include_base=with_base)
         tensors = list(merged_weights(self.policy, modules, self.rollout_dtype, with_lora=kind == "merged"))
-        return WeightUpdate(version=self.version, mode="merged", tensors=tensors,
-                            checksum=weights_checksum(tensors), base_weights=with_base)
+        return WeightUpdate(
+            version=self.version,
+            mode="merged",
+            tensors=tensors,
+            checksum=weights_checksum(tensors),
+            base_weights=with_base,
+        )
 
     def export_for_sync(self, kind: str, include_base: bool) -> tuple[WeightUpdate, tuple[int, str]]:
         """Called with num_returns=2: the driver reads only the small (version, checksum) summary,
@@ -80,7 +100,9 @@ class Learner:
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.policy)
-        tensors = [(name, tensor.detach().to("cpu", torch.float32).contiguous()) for name, tensor in state.items()]
+        tensors = [
+            (name, tensor.detach().to("cpu", torch.float32).contiguous()) for name, tensor in state.items()
+        ]
         config = self.policy.peft_config["default"].to_dict()
         config["target_modules"] = sorted(config["target_modules"])
         return tensors, {k: v for k, v in config.items() if _json_safe(v)}
@@ -92,10 +114,13 @@ class Learner:
         start = time.perf_counter()
         rows = _flatten(batch)
         rewards_P_G = torch.tensor(
-            [[math.nan if r is None else r for r in group] for group in batch.rewards_P_G], dtype=torch.float32
+            [[math.nan if r is None else r for r in group] for group in batch.rewards_P_G],
+            dtype=torch.float32,
         )
         valid_P_G = ~torch.isnan(rewards_P_G)
-        advantages_B = group_advantages(rewards_P_G, valid_P_G, scale_by_std=self.cfg.loss.scale_advantages_by_std)
+        advantages_B = group_advantages(
+            rewards_P_G, valid_P_G, scale_by_std=self.cfg.loss.scale_advantages_by_std
+        )
         advantages_B = advantages_B.reshape(-1)
         valid_B = valid_P_G.reshape(-1)
         lengths_B = torch.tensor([len(r["completion"]) for r in rows])
@@ -125,7 +150,9 @@ class Learner:
 
         metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        metrics["train/advantage_abs_mean"] = float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
+        metrics["train/advantage_abs_mean"] = (
+            float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
+        )
         metrics["train/seconds"] = time.perf_counter() - start
         metrics.update(fixed["mismatch"])
         return metrics
@@ -158,20 +185,32 @@ class Learner:
         return {"old": old, "ref": ref, "mismatch": _mismatch(rows, old)}
 
     def _accumulate(
-        self, rows: list[dict[str, Any]], indices: list[int], advantages_B: torch.Tensor, valid_B: torch.Tensor,
-        normaliser: float, fixed: dict[str, Any],
+        self,
+        rows: list[dict[str, Any]],
+        indices: list[int],
+        advantages_B: torch.Tensor,
+        valid_B: torch.Tensor,
+        normaliser: float,
+        fixed: dict[str, Any],
     ) -> dict[str, float]:
         packed = self._pack(rows, indices)
-        logprobs_B_T, entropy_B_T = completion_logprobs(self.policy, packed, self.temperature, with_entropy=True)
+        logprobs_B_T, entropy_B_T = completion_logprobs(
+            self.policy, packed, self.temperature, with_entropy=True
+        )
         width = logprobs_B_T.shape[1]
         mask_B_T = packed.completion_mask_B_T & valid_B[indices].to(self.device)[:, None]
-        old_B_T = (
-            _stack([fixed["old"][i] for i in indices], width) if fixed["old"] else logprobs_B_T.detach()
-        )
+        old_B_T = _stack([fixed["old"][i] for i in indices], width) if fixed["old"] else logprobs_B_T.detach()
         ref_B_T = _stack([fixed["ref"][i] for i in indices], width) if fixed["ref"] else None
-        sampler_B_T = _stack([torch.tensor(rows[i]["sampler_logprobs"]) for i in indices], width).to(self.device)
+        sampler_B_T = _stack([torch.tensor(rows[i]["sampler_logprobs"]) for i in indices], width).to(
+            self.device
+        )
         loss, metrics = grpo_loss(
-            logprobs_B_T, old_B_T, advantages_B[indices].to(self.device), mask_B_T, self.loss_settings, normaliser,
+            logprobs_B_T,
+            old_B_T,
+            advantages_B[indices].to(self.device),
+            mask_B_T,
+            self.loss_settings,
+            normaliser,
             ref_logprobs_B_T=ref_B_T,
             sampler_logprobs_B_T=sampler_B_T if self.loss_settings.tis_cap is not None else None,
         )
@@ -182,8 +221,12 @@ class Learner:
         return metrics
 
     def _pack(self, rows: list[dict[str, Any]], indices: list[int]) -> Any:
-        return pack([rows[i]["prompt"] for i in indices], [rows[i]["completion"] for i in indices],
-                    self.pad_id, self.device)
+        return pack(
+            [rows[i]["prompt"] for i in indices],
+            [rows[i]["completion"] for i in indices],
+            self.pad_id,
+            self.device,
+        )
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -26,13 +26,15 @@ class PackedSequences:
         return steps[None, :] < self.completion_lens_B[:, None]
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: str | torch.device) -> PackedSequences:
-    total = max(len(p) + len(c) for p, c in zip(prompts, completions))
+def pack(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: str | torch.device
+) -> PackedSequences:
+    total = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     longest_completion = max(1, max(len(c) for c in completions))
     input_ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), total), dtype=torch.long)
     completion_ids = torch.full((len(prompts), longest_completion), pad_id, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         sequence = prompt + completion
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention[row, : len(sequence)] = 1
@@ -56,9 +58,15 @@ def completion_logprobs(
     """
     logits_B_L_V = model(input_ids=packed.input_ids_B_L, attention_mask=packed.attention_mask_B_L).logits
     steps_T = torch.arange(packed.completion_ids_B_T.shape[1], device=logits_B_L_V.device)
-    positions_B_T = (packed.prompt_lens_B[:, None] - 1 + steps_T[None, :]).clamp(max=logits_B_L_V.shape[1] - 1)
+    positions_B_T = (packed.prompt_lens_B[:, None] - 1 + steps_T[None, :]).clamp(
+        max=logits_B_L_V.shape[1] - 1
+    )
     vocab = logits_B_L_V.shape[-1]
-    logits_B_T_V = logits_B_L_V.gather(1, positions_B_T[..., None].expand(-1, -1, vocab)).float() / temperature
-    logprobs_B_T = torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, packed.completion_ids_B_T[..., None]).squeeze(-1)
+    logits_B_T_V = (
+        logits_B_L_V.gather(1, positions_B_T[..., None].expand(-1, -1, vocab)).float() / temperature
+    )
+    logprobs_B_T = (
+        torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, packed.completion_ids_B_T[..., None]).squeeze(-1)
+    )
     entropy_B_T = entropy_from_logits(logits_B_T_V.detach()) if with_entropy else None
     return logprobs_B_T, entropy_B_T

@@ -30,6 +30,12 @@ def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
 
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "4-bit weights were repacked for bitsandbytes' CPU kernel and can no longer be "
+                "dequantized exactly; load the policy with learner.model.load_policy, which prevents it"
+            )
+
         return bnbf.dequantize_4bit(weight.data, quant_state).float()
     return weight.detach().float()
 

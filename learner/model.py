@@ -34,6 +34,7 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
             bnb_4bit_compute_dtype=dtype,
         )
     base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    _keep_4bit_layout(base)
     base.config.use_cache = False
     for param in base.parameters():
         param.requires_grad_(False)
@@ -55,3 +56,17 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
             param.data = param.data.to(dtype)  # LoRA weights in the compute dtype, like the base's matmuls
             assert "lora_" in name, f"only LoRA parameters may train, found trainable '{name}'"
     return policy
+
+
+def _keep_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU bf16 kernel on the first eval forward.
+
+    Seen with bitsandbytes 0.50.2 on an AVX512-bf16 CPU: after one `eval()` + `no_grad` forward the
+    weights are repacked in place; that forward computes in bf16 (logits off by ~5e-3 from the
+    dequantized matmul), and `dequantize_4bit` on the repacked data returns wrong weights (off by
+    ~0.2), which would silently corrupt every merged export. The learner's forward must equal
+    dequant(W) @ x exactly, so the repack is turned off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -60,7 +60,13 @@ class RewardsConfig(BaseModel):
         default=5.0,
         gt=0,
         allow_inf_nan=False,
-        description="Time limit per sample; a batch call gets timeout_s × its size.",
+        description="Time limit per sample; a batch call gets timeout_s × its size, up to batch_timeout_s.",
+    )
+    batch_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Cap on one batched call before it falls back to per-sample calls (bounds a hang's cost).",
     )
     max_masked_fraction: float = Field(
         default=0.5,

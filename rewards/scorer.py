@@ -12,7 +12,7 @@ its imports (torch, ray...) at every worker restart. Workers get the trainer's `
 Per term and per call:
 
 1. The batch is split into ``num_workers`` contiguous chunks; each chunk is ONE call of the function,
-   limited to ``timeout_s × len(chunk)`` seconds.
+   limited to ``timeout_s × len(chunk)`` seconds, at most ``batch_timeout_s`` (but never below ``timeout_s``).
 2. If a chunk call raises or runs out of time, its samples are re-run one call per sample, each limited
    to ``timeout_s``, so a bad sample masks only itself. (Worst case for a hanging sample: its chunk's
    limit plus ``timeout_s``, plus a worker restart — see below.)
@@ -292,7 +292,9 @@ class RewardScorer:
                     f"rows must hold plain picklable values"
                 ) from e
             w.task, w.sent_at = task, time.monotonic()
-            w.deadline = w.sent_at + self.config.timeout_s * max(1, len(task.indices))
+            # One hanging sample would otherwise cost timeout_s × chunk size before the per-sample retry.
+            batch_limit = min(self.config.timeout_s * len(task.indices), self.config.batch_timeout_s)
+            w.deadline = w.sent_at + max(self.config.timeout_s, batch_limit)
 
     def _wait_and_handle(
         self, job: tuple[deque[_Task], list[_TermState], list[str], list[dict[str, Any]]] | None

@@ -17,17 +17,27 @@ class Strict(BaseModel):
 
 
 class SamplingConfig(Strict):
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides its logits by it too.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the learner divides its logits by it too."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; keep 1.0 for unbiased GRPO.")
     top_k: int = Field(-1, description="Top-k sampling; -1 disables it (keep it off for unbiased GRPO).")
-    max_new_tokens: int = Field(64, ge=1, description="Longest completion; longer ones are truncated and counted.")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Longest completion; longer ones are truncated and counted."
+    )
 
 
 class RolloutConfig(Strict):
-    num_workers: int = Field(2, ge=1, description="Number of RolloutWorker actors, each owning one vLLM engine.")
+    num_workers: int = Field(
+        2, ge=1, description="Number of RolloutWorker actors, each owning one vLLM engine."
+    )
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved for each rollout worker.")
-    num_gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs reserved for each rollout worker (0 on CPU).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one rollout worker.")
+    num_gpus_per_worker: float = Field(
+        0.0, ge=0, description="Ray GPUs reserved for each rollout worker (0 on CPU)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallelism inside one rollout worker."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype the engine runs in; merged weights are built in it."
     )
@@ -35,8 +45,16 @@ class RolloutConfig(Strict):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="GPU only: fraction of device memory vLLM may take (split placement)."
     )
-    kv_cache_mb: int = Field(256, ge=1, description="CPU only: KV cache size in MiB (vLLM's RAM fraction is unsafe on CPU).")
-    enforce_eager: bool = Field(True, description="Skip CUDA graph / compile warm-up; faster start, slower decode.")
-    enable_prefix_caching: bool = Field(True, description="Share the prompt's KV cache across the group's samples.")
+    kv_cache_mb: int = Field(
+        256, ge=1, description="CPU only: KV cache size in MiB (vLLM's RAM fraction is unsafe on CPU)."
+    )
+    enforce_eager: bool = Field(
+        True, description="Skip CUDA graph / compile warm-up; faster start, slower decode."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Share the prompt's KV cache across the group's samples."
+    )
     threads_per_worker: int = Field(1, ge=1, description="CPU only: torch/OpenMP threads each engine uses.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How completions are sampled.")
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="How completions are sampled."
+    )

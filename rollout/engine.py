@@ -96,7 +96,9 @@ class RolloutEngine:
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
         self.llm.collective_rpc("grpo_load_weights", args=(named_tensors,))
 
-    def load_adapter(self, tensors: list[tuple[str, Any]], adapter_config: dict[str, Any], version: int) -> None:
+    def load_adapter(
+        self, tensors: list[tuple[str, Any]], adapter_config: dict[str, Any], version: int
+    ) -> None:
         """Write the adapter locally (vLLM LoRA loads from a path) and serve it from now on."""
         import json
 
@@ -123,7 +125,11 @@ class RolloutEngine:
 
 
 def _completion(sample: Any) -> Completion:
-    logprobs = [] if sample.logprobs is None else [step[tok].logprob for tok, step in zip(sample.token_ids, sample.logprobs)]
+    logprobs = (
+        []
+        if sample.logprobs is None
+        else [step[tok].logprob for tok, step in zip(sample.token_ids, sample.logprobs, strict=True)]
+    )
     return Completion(
         token_ids=list(sample.token_ids),
         logprobs=logprobs,

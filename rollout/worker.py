@@ -30,7 +30,10 @@ class RolloutWorker:
         self.engine = RolloutEngine(model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank)
 
     def generate(
-        self, prompts: list[tuple[int, list[int]]], group_size: int, seeds: list[int] | None = None,
+        self,
+        prompts: list[tuple[int, list[int]]],
+        group_size: int,
+        seeds: list[int] | None = None,
         greedy: bool = False,
     ) -> list[Group]:
         """One group of `group_size` completions per (row index, prompt token ids)."""
@@ -41,9 +44,14 @@ class RolloutWorker:
             )
         samples = self.engine.generate([ids for _, ids in prompts], n=group_size, seeds=seeds, greedy=greedy)
         return [
-            Group(prompt_index=row, prompt_token_ids=ids, completions=completions,
-                  policy_version=self.version, worker=self.index)
-            for (row, ids), completions in zip(prompts, samples)
+            Group(
+                prompt_index=row,
+                prompt_token_ids=ids,
+                completions=completions,
+                policy_version=self.version,
+                worker=self.index,
+            )
+            for (row, ids), completions in zip(prompts, samples, strict=True)
         ]
 
     def load(self, update: WeightUpdate) -> SyncAck:
@@ -58,8 +66,9 @@ class RolloutWorker:
                 self.engine.load_adapter(update.tensors, update.adapter_config, update.version)
             self.version = update.version
         # A bad checksum is reported, not raised: the driver names this worker and stops the run.
-        return SyncAck(worker=self.index, version=self.version, checksum=checksum,
-                       seconds=time.perf_counter() - start)
+        return SyncAck(
+            worker=self.index, version=self.version, checksum=checksum, seconds=time.perf_counter() - start
+        )
 
     def check_weight_names(self, checkpoint_names: list[str]) -> list[str]:
         """Problems mapping the learner's parameter names onto this engine (empty list: all map)."""

@@ -25,17 +25,19 @@ class _PartialReloadFilter(logging.Filter):
         return not any(noise in message for noise in self.NOISE)
 
 
-for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
+for _name in (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.model_loader.reload.inplace",
+):
     logging.getLogger(_name).addFilter(_PartialReloadFilter())
 
 
 class GrpoWorkerExtension:
     """Mixed into vLLM's Worker: `self` has `model_runner` and `reload_weights`."""
 
+    # Defined by vLLM's Worker; an extension may not redefine any worker attribute, even as a stub.
     model_runner: Any
-
-    def reload_weights(self, *args: Any, **kwargs: Any) -> None:  # provided by vLLM's Worker
-        raise NotImplementedError
+    reload_weights: Any
 
     def grpo_load_weights(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
         """Load checkpoint-format weights in place (CPU repacking and fused modules handled by vLLM)."""
@@ -45,7 +47,9 @@ class GrpoWorkerExtension:
     def grpo_parameter_names(self) -> list[str]:
         """The engine's own parameter names (fused: qkv_proj, gate_up_proj)."""
         # With LoRA enabled vLLM wraps linear layers; checkpoint names address the wrapped layer.
-        return [name.replace(".base_layer.", ".") for name, _ in self.model_runner.get_model().named_parameters()]
+        return [
+            name.replace(".base_layer.", ".") for name, _ in self.model_runner.get_model().named_parameters()
+        ]
 
     def grpo_packed_modules(self) -> dict[str, list[str]]:
         """Which checkpoint modules the engine fuses, e.g. qkv_proj -> [q_proj, k_proj, v_proj]."""
