@@ -1,50 +1,74 @@
-"""The `grpo-ray` command: train, check. Errors a user can fix are printed without a traceback."""
+"""The `grpo-ray` command. Errors a user can fix are printed as one message, without a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, RunConfig, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo-ray", description="Distributed GRPO with vLLM, Ray and QLoRA."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("train", "run GRPO training from a YAML config"),
-        ("check", "validate a config and print the derived plan; loads no model"),
-    ):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("config", help="path to a YAML run config, e.g. configs/demo.yaml")
-        sub.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="dotted overrides, e.g. steps=5 learner.lora.rank=8",
-        )
-    args = parser.parse_args(argv)
+
+    train = commands.add_parser("train", help="run GRPO training from a YAML config")
+    train.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=5")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run's newest complete checkpoint"
+    )
+
+    check = commands.add_parser(
+        "check", help="validate a config, print the plan and memory budget; loads no model"
+    )
+    check.add_argument("config", help="YAML run config")
+    check.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    check.add_argument("--device-gib", type=float, default=24.0, help="GPU memory to plan for (default 24)")
+
+    evaluate = commands.add_parser(
+        "eval", help="held-out accuracy of a run's adapter (or any PEFT adapter dir)"
+    )
+    evaluate.add_argument(
+        "target", help="a run directory, a checkpoint directory, or a PEFT adapter directory"
+    )
+    evaluate.add_argument("--config", help="run config (default: the run directory's config.yaml)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+
+    export = commands.add_parser("export", help="write the trained policy as a full model directory")
+    export.add_argument("run_dir", help="a run directory (its final adapter) or a checkpoint directory")
+    export.add_argument(
+        "--merged", required=True, metavar="OUT", help="output directory for the merged model"
+    )
+    export.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: the run's rollout dtype)",
+    )
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/index.html with plots of the run")
+    report.add_argument("run_dir", help="a run directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "check":
-            from cluster.plan import derive_plan
-
-            print(derive_plan(cfg).render(cfg))
-            print("config ok")
-            return 0
-        from cluster.driver import run
-
-        run(cfg)
-        return 0
+        return _dispatch(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
         return 130
-    except Exception as err:  # errors we raise on purpose carry a fix; anything else keeps its traceback
+    except Exception as err:  # errors raised on purpose carry their fix; anything else keeps its traceback
         from cluster.fleet import SyncError
         from rewards.base import RewardError
 
@@ -52,6 +76,78 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from cluster.driver import run
+
+        run(load_config(args.config, [*args.overrides, *(["resume=auto"] if args.resume else [])]))
+    elif args.command == "check":
+        _check(load_config(args.config, args.overrides), args.device_gib)
+    elif args.command == "eval":
+        from cluster.driver import evaluate_adapter
+
+        target = Path(args.target)
+        cfg = load_config(args.config or _run_config(target), args.overrides)
+        print(f"held-out accuracy: {evaluate_adapter(cfg, _adapter_dir(target)):.3f}")
+    elif args.command == "export":
+        from cluster.export import export_merged
+
+        target = Path(args.run_dir)
+        cfg = load_config(_run_config(target))
+        out = export_merged(cfg, _adapter_dir(target), Path(args.merged), args.dtype or cfg.rollout.dtype)
+        print(f"merged model written to {out}")
+    elif args.command == "report":
+        from cluster.report import write_report
+
+        print(f"report written to {write_report(Path(args.run_dir))}")
+    return 0
+
+
+def _check(cfg: RunConfig, device_gib: float) -> None:
+    from cluster.plan import derive_plan
+
+    print(derive_plan(cfg).render(cfg))
+    try:
+        from cluster.memory import ModelShape, inputs_from_config, plan_memory
+    except ImportError:
+        print("config ok")
+        return
+    try:
+        shape = ModelShape.from_pretrained(
+            str(cfg.resolve_path(cfg.model)) if cfg.resolve_path(cfg.model).exists() else cfg.model
+        )
+    except Exception as err:  # offline and not cached: the plan above is still valid
+        print(f"memory plan skipped: could not read the model's config.json ({err})")
+        print("config ok")
+        return
+    memory = plan_memory(inputs_from_config(cfg, shape, device_gib))
+    print(memory.render())
+    if not memory.fits:
+        raise ConfigError(f"the run does not fit in {device_gib:g} GiB:\n  " + "\n  ".join(memory.advice))
+    print("config ok")
+
+
+def _run_config(target: Path) -> Path:
+    for candidate in (
+        target / "config.yaml",
+        target.parent / "config.yaml",
+        target.parent.parent / "config.yaml",
+    ):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"no config.yaml found for '{target}'; pass --config CONFIG")
+
+
+def _adapter_dir(target: Path) -> Path:
+    """A run dir's final adapter, a checkpoint's adapter, or the directory itself if it is an adapter."""
+    for candidate in (target / "adapter", target):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise ConfigError(
+        f"'{target}' holds no PEFT adapter (adapter_config.json): give a run directory, a checkpoint, or an adapter"
+    )
 
 
 if __name__ == "__main__":

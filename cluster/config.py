@@ -81,6 +81,11 @@ class RunConfig(Strict):
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps (0: only before and after training)."
     )
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    resume: str = Field(
+        "never", description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path."
+    )
     ray_address: str | None = Field(None, description="Ray cluster address; null starts a local Ray.")
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")

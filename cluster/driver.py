@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import RunConfig, resolve_project_path
-from cluster.data import PromptSet, PromptStream, build_prompts
+from cluster.checkpoint import (
+    TrainerState,
+    check_compatible,
+    find_resume_point,
+    load_checkpoint,
+    restore_metrics,
+    save_checkpoint,
+)
+from cluster.config import ConfigError, RunConfig, resolve_project_path
+from cluster.data import Prompt, PromptSet, PromptStream, build_prompts
 from cluster.evaluate import evaluate
 from cluster.fleet import Fleet, SyncError
 from cluster.metrics import MetricsSink
@@ -30,80 +39,165 @@ class RunResult:
     run_dir: Path
 
 
+@dataclass
+class _Session:
+    """The live pieces of a run: actors, the scorer, the metrics sink, held-out prompts."""
+
+    cfg: RunConfig
+    learner: Any
+    fleet: Fleet
+    scorer: RewardScorer
+    sink: MetricsSink
+    held_out: list[Prompt]
+    echo: Any
+
+
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     start = time.perf_counter()
-    plan = derive_plan(cfg)
-    echo(plan.render(cfg))
-    model = str(resolve_project_path(cfg.model)) if resolve_project_path(cfg.model).exists() else cfg.model
+    echo(derive_plan(cfg).render(cfg))
+    model = _model_path(cfg)
     tokenizer = _load_tokenizer(model)
     train, held_out = _load_data(cfg, tokenizer, echo)
     run_dir = cfg.run_dir
+    checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
-        scorer = stack.enter_context(RewardScorer(cfg.rewards))
-        learner, fleet = _start(cfg, model, tokenizer, stack, echo)
-        sink = MetricsSink(cfg, run_dir)
-        stack.callback(sink.close)
+        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
+        if learner_state is not None:
+            _get(session.learner.restore.remote(learner_state, state.version))
+            echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
+        # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
+        # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
+        version, acks = _sync(cfg, session.learner, session.fleet, include_base=True)
+        if checkpoint is None:
+            before = _evaluate(session, run_dir, step=0)
+            state.accuracy_before = before.get("eval/accuracy")
 
-        version, acks = _sync(cfg, learner, fleet, include_base=True)
-        before = (
-            evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", "step_0000") if held_out else {}
-        )
-        if before:
-            sink.log(0, before)
-            echo(f"held-out accuracy at start: {before['eval/accuracy']:.3f}")
-
-        stream = PromptStream(train.prompts, seed=cfg.seed)
-        progress = _progress(cfg)
-        for step in range(1, cfg.steps + 1):
-            timer = _Timer()
-            prompts = stream.take(cfg.prompts_per_step)
-            with timer("generate"):
-                groups = fleet.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
-            with timer("reward"):
-                rows = {p.index: p.row for p in prompts}
-                flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
-                texts = [c.text for g in groups for c in g.completions]
-                scored = scorer.score(texts, flat_rows)
-                correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
-            rewards_P_G = _regroup(scored.rewards, cfg.group_size)
-            correct_P_G = _regroup([v == 1.0 for v in correct], cfg.group_size)
-            batch = Batch(
-                groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens
-            )
-            with timer("train"):
-                train_metrics = _get(learner.train_step.remote(batch))
-            with timer("sync"):
-                version, acks = _sync(cfg, learner, fleet, include_base=False)
-            values = {
-                **rollout_stats(groups, rewards_P_G, correct_P_G),
-                **scored.metrics,
-                **train_metrics,
-                **timer.values,
-                "policy_version": float(version),
-            }
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and held_out:
-                values.update(
-                    evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{step:04d}")
-                )
-            sink.log(step, values)
+        stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
+        progress = _progress(cfg, first_step=state.step)
+        for step in range(state.step + 1, cfg.steps + 1):
+            values, version, acks = _train_step(session, stream, step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                values.update(_evaluate(session, run_dir, step, log=False))
+            session.sink.log(step, values)
             progress(step, values)
+            state = TrainerState(step, version, stream.cursor, state.accuracy_before)
+            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                learner_checkpoint = _get(session.learner.checkpoint_state.remote())
+                save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
 
-        after = (
-            evaluate(fleet, held_out, cfg.data.correctness, run_dir / "eval", f"step_{cfg.steps:04d}")
-            if held_out
-            else {}
-        )
-        if after:
-            sink.log(cfg.steps, after)
-        _get(learner.save_adapter.remote(str(run_dir / "adapter")))
+        after = _evaluate(session, run_dir, step=cfg.steps)
+        _get(session.learner.save_adapter.remote(str(run_dir / "adapter")))
     seconds = time.perf_counter() - start
-    acc_before, acc_after = before.get("eval/accuracy"), after.get("eval/accuracy")
+    acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
     return RunResult(acc_before, acc_after, seconds, version, acks, run_dir)
+
+
+def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
+    """Held-out greedy accuracy of a saved adapter, on the rollout workers (`grpo-ray eval`)."""
+    from safetensors.torch import load_file
+
+    model = _model_path(cfg)
+    tokenizer = _load_tokenizer(model)
+    _, held_out = _load_data(cfg, tokenizer, echo)
+    if not held_out:
+        raise ConfigError("data.eval_files is empty: name the held-out files to evaluate on")
+    out_dir = adapter_dir.parent / "eval"
+    with ExitStack() as stack:
+        scorer = stack.enter_context(RewardScorer(cfg.rewards))
+        learner, fleet = _start(cfg, model, tokenizer, stack, echo)
+        _get(learner.load_adapter.remote(load_file(str(adapter_dir / "adapter_model.safetensors"))))
+        _sync(cfg, learner, fleet, include_base=True)
+        del scorer
+        return evaluate(fleet, held_out, cfg.data.correctness, out_dir, f"adapter_{adapter_dir.parent.name}")[
+            "eval/accuracy"
+        ]
+
+
+def _train_step(
+    session: _Session, stream: PromptStream, step: int
+) -> tuple[dict[str, float], int, list[SyncAck]]:
+    """One GRPO step: sample prompts, generate, score, train, sync. Returns its metrics."""
+    cfg = session.cfg
+    timer = _Timer()
+    prompts = stream.take(cfg.prompts_per_step)
+    with timer("generate"):
+        groups = session.fleet.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
+    with timer("reward"):
+        rows = {p.index: p.row for p in prompts}
+        flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
+        texts = [c.text for g in groups for c in g.completions]
+        scored = session.scorer.score(texts, flat_rows)
+        correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
+    rewards_P_G = _regroup(scored.rewards, cfg.group_size)
+    batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+    with timer("train"):
+        train_metrics = _get(session.learner.train_step.remote(batch))
+    with timer("sync"):
+        version, acks = _sync(cfg, session.learner, session.fleet, include_base=False)
+    stats = rollout_stats(groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
+    values = {**stats, **scored.metrics, **train_metrics, **timer.values, "policy_version": float(version)}
+    return values, version, acks
+
+
+def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> dict[str, float]:
+    if not session.held_out:
+        return {}
+    values = evaluate(
+        session.fleet, session.held_out, session.cfg.data.correctness, run_dir / "eval", f"step_{step:04d}"
+    )
+    if log:
+        session.sink.log(step, values)
+    return values
+
+
+def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None, TrainerState, Any]:
+    """Where this run starts: a checkpoint (checked against the config), or step 0 in a clean run dir."""
+    checkpoint = find_resume_point(run_dir, cfg.resume, echo)
+    if checkpoint is None:
+        _set_aside_previous_run(run_dir, echo)
+        return None, TrainerState(step=0, version=0, cursor=0, accuracy_before=None), None
+    state, learner_state, saved = load_checkpoint(checkpoint)
+    check_compatible(saved, cfg)
+    if state.step >= cfg.steps:
+        raise ConfigError(
+            f"checkpoint {checkpoint} is at step {state.step}; raise steps above it to train further"
+        )
+    restore_metrics(checkpoint, run_dir)
+    return checkpoint, state, learner_state
+
+
+def _set_aside_previous_run(run_dir: Path, echo: Any) -> None:
+    # A fresh run never overwrites an earlier one's checkpoints or metrics: they are moved aside.
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        echo(f"an earlier run in {run_dir} was moved to {aside} (use --resume to continue a run instead)")
+
+
+def _open_session(
+    cfg: RunConfig,
+    model: str,
+    tokenizer: Any,
+    held_out: list[Prompt],
+    run_dir: Path,
+    stack: ExitStack,
+    echo: Any,
+) -> _Session:
+    scorer = stack.enter_context(RewardScorer(cfg.rewards))
+    learner, fleet = _start(cfg, model, tokenizer, stack, echo)
+    sink = MetricsSink(cfg, run_dir)
+    stack.callback(sink.close)
+    return _Session(cfg, learner, fleet, scorer, sink, held_out, echo)
+
+
+def _model_path(cfg: RunConfig) -> str:
+    local = resolve_project_path(cfg.model)
+    return str(local) if local.exists() else cfg.model
 
 
 def _load_tokenizer(model: str) -> Any:
@@ -137,7 +231,10 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
 
     if not ray.is_initialized():
         ray.init(
-            address=cfg.ray_address, log_to_driver=True, include_dashboard=False, logging_level="WARNING"
+            address=cfg.ray_address,
+            log_to_driver=True,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
         )
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -227,12 +324,12 @@ class _Timer:
         return _Span()
 
 
-def _progress(cfg: RunConfig) -> Any:
+def _progress(cfg: RunConfig, first_step: int = 0) -> Any:
     if not cfg.logging.progress_bar:
         return lambda step, values: None
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, desc="grpo", unit="step")
+    bar = tqdm(total=cfg.steps, initial=first_step, desc="grpo", unit="step")
 
     def update(step: int, values: dict[str, float]) -> None:
         bar.update(1)

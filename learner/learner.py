@@ -17,7 +17,7 @@ from learner.config import LearnerConfig
 from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import completion_logprobs, pack
 from learner.merge import merged_weights, modules_to_send, parameter_names
-from learner.model import load_policy, torch_dtype
+from learner.model import load_adapter_weights, load_policy, torch_dtype
 from rollout.checksum import weights_checksum
 
 
@@ -149,7 +149,7 @@ class Learner:
         self.version += 1
 
         metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["train/advantage_abs_mean"] = (
             float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
         )
@@ -232,6 +232,30 @@ class Learner:
 
     def save_adapter(self, directory: str) -> None:
         self.policy.save_pretrained(directory)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: adapter, optimiser, scheduler, RNG (for LoRA dropout)."""
+        tensors, config = self._adapter_tensors()
+        return {
+            "adapter": dict(tensors),
+            "adapter_config": config,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "version": self.version,
+        }
+
+    def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Adapter weights in PEFT's state-dict naming (as saved by save_pretrained / checkpoints)."""
+        load_adapter_weights(self.policy, tensors)
+
+    def restore(self, state: dict[str, Any], version: int) -> None:
+        """Continue from a checkpoint: adapter weights, optimiser and scheduler state, RNG, version."""
+        self.load_adapter(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.version = version
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}

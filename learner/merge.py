@@ -23,7 +23,7 @@ def checkpoint_module_name(peft_module_name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
+def dense_weight(linear: Any) -> torch.Tensor:
     """A linear layer's weight as a dense float32 tensor, dequantizing a bitsandbytes 4-bit layer."""
     weight = linear.weight
     quant_state = getattr(weight, "quant_state", None)
@@ -90,15 +90,15 @@ def _layer_order(name: str) -> tuple[int, str]:
     return layer, name
 
 
-def _checkpoint_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    by_checkpoint: dict[str, torch.nn.Module] = {}
+def _checkpoint_modules(model: torch.nn.Module) -> dict[str, Any]:
+    by_checkpoint: dict[str, Any] = {}
     for peft_name, candidate in model.named_modules():
         # A LoRA wrapper and its base_layer share a checkpoint name; the wrapper comes first and wins.
         by_checkpoint.setdefault(checkpoint_module_name(peft_name), candidate)
     return by_checkpoint
 
 
-def _base_of(module: torch.nn.Module) -> torch.nn.Module:
+def _base_of(module: Any) -> Any:
     return module.base_layer if _is_lora_layer(module) else module
 
 

@@ -44,7 +44,7 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
     torch.manual_seed(seed)
     lora = LoraConfig(
         r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.module_names(),
         bias="none",
@@ -70,3 +70,23 @@ def _keep_4bit_layout(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_adapter_weights(policy: Any, tensors: dict[str, Any]) -> None:
+    """Put saved adapter weights into the policy; a name or shape that does not match is an error."""
+    from peft import set_peft_model_state_dict
+
+    device = next(policy.parameters()).device
+    dtype = torch_dtype_of_lora(policy)
+    result = set_peft_model_state_dict(policy, {k: v.to(device, dtype) for k, v in tensors.items()})
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"adapter does not match this model's LoRA layout (rank / target modules): "
+            f"unexpected {unexpected[:3]}, missing {missing[:3]}"
+        )
+
+
+def torch_dtype_of_lora(policy: Any) -> Any:
+    return next(p.dtype for n, p in policy.named_parameters() if "lora_" in n)

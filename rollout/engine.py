@@ -95,6 +95,13 @@ class RolloutEngine:
 
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
         self.llm.collective_rpc("grpo_load_weights", args=(named_tensors,))
+        self._forget_cached_prompts()
+
+    def _forget_cached_prompts(self) -> None:
+        # reload_weights resets vLLM's LoRA and encoder caches but not the prefix cache: without this,
+        # the next step would reuse KV blocks of shared prompt prefixes computed by the old policy.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
     def load_adapter(
         self, tensors: list[tuple[str, Any]], adapter_config: dict[str, Any], version: int
@@ -109,6 +116,7 @@ class RolloutEngine:
         (self._adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
         # One LoRA slot, replaced in place each version; the id stays 1 so vLLM reuses the slot.
         self._lora_request = LoRARequest(f"policy-v{version}", 1, str(self._adapter_dir), load_inplace=True)
+        self._forget_cached_prompts()
 
     def parameter_names(self) -> list[str]:
         return list(self.llm.collective_rpc("grpo_parameter_names")[0])

@@ -68,7 +68,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_malformed_override() -> None:
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(DEMO, ["steps"])
 
 
