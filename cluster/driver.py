@@ -24,6 +24,7 @@ from cluster.fleet import Fleet, SyncError
 from cluster.metrics import MetricsSink
 from cluster.plan import derive_plan
 from cluster.records import Batch, SyncAck
+from cluster.report import write_report
 from cluster.step_stats import rollout_stats
 from rewards import RewardScorer
 from rewards.builtin import BUILTINS
@@ -90,6 +91,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
 
         after = _evaluate(session, run_dir, step=cfg.steps)
         _get(session.learner.save_adapter.remote(str(run_dir / "adapter")))
+    echo(f"report: {write_report(run_dir)}")
     seconds = time.perf_counter() - start
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
