@@ -25,10 +25,18 @@ class ConfigError(ValueError):
 
 
 class DataConfig(Strict):
-    train_files: list[str] = Field(description="JSONL/Parquet/CSV files with the training prompts.")
-    eval_files: list[str] = Field(
-        default_factory=list, description="Held-out files for evaluation (empty: no eval)."
+    train_files: list[str] = Field(
+        default_factory=list, description="Local JSONL/Parquet/CSV files with the training prompts."
     )
+    eval_files: list[str] = Field(
+        default_factory=list, description="Local held-out files for evaluation (empty: no eval)."
+    )
+    hub_dataset: str | None = Field(
+        None, description="A `datasets` hub id (e.g. openai/gsm8k) used instead of local files."
+    )
+    hub_config: str | None = Field(None, description="The hub dataset's config name (e.g. 'main' for gsm8k).")
+    train_split: str = Field("train", description="Hub split with the training prompts.")
+    eval_split: str | None = Field("test", description="Hub split held out for evaluation (null: no eval).")
     question_field: str = Field("question", description="Row field rendered into the user message.")
     answer_field: str = Field("answer", description="Row field holding the gold answer.")
     gold_format: Literal["plain", "gsm8k"] = Field(
@@ -48,9 +56,24 @@ class DataConfig(Strict):
         "numeric_match",
         description="Built-in matcher that decides whether an answer is correct (accuracy, eval).",
     )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        description="k for mean@k / pass@k: samples per held-out question at the sampling temperature "
+        "(0: greedy pass@1 only).",
+    )
     eval_max_prompts: int | None = Field(
         None, ge=1, description="Evaluate on at most this many held-out rows."
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if bool(self.hub_dataset) == bool(self.train_files):
+            raise ValueError(
+                "give the prompts either as data.train_files (local files) or as data.hub_dataset, not "
+                f"{'both' if self.hub_dataset else 'neither'}"
+            )
+        return self
 
 
 class LoggingConfig(Strict):

@@ -61,16 +61,48 @@ def extract_gold(raw: Any, gold_format: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3})", "", text)
 
 
-def build_prompts(files: list[str], cfg: DataConfig, tokenizer: Any, seed: int) -> PromptSet:
+def read_hub_rows(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset split (downloaded once into the HF cache, or read from it offline)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(dataset, config, split=split)
+    except Exception as err:  # offline, unknown id, missing split or config: all need the user's fix
+        raise ConfigError(
+            f"could not load hub dataset '{dataset}' (config {config!r}, split '{split}'): {err}. Check the id, "
+            "data.hub_config and the split name; offline, download it once or use data.train_files"
+        ) from None
+    return [dict(row) for row in loaded]
+
+
+def load_split(cfg: DataConfig, which: str, seed: int, tokenizer: Any) -> PromptSet | None:
+    """The train or eval prompts from local files or the hub; None when no eval source is configured."""
+    if cfg.hub_dataset:
+        split = cfg.train_split if which == "train" else cfg.eval_split
+        if split is None:
+            return None
+        rows, source = read_hub_rows(cfg.hub_dataset, cfg.hub_config, split), f"{cfg.hub_dataset}[{split}]"
+    else:
+        files = cfg.train_files if which == "train" else cfg.eval_files
+        if not files:
+            return None
+        rows, source = read_rows(files), ", ".join(Path(f).name for f in files)
+    return build_prompts(rows, cfg, tokenizer, seed, source)
+
+
+def build_prompts(
+    rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, seed: int, source: str = "rows"
+) -> PromptSet:
     """Rows -> token-id prompts, shuffled with the run's seed; too-long prompts dropped and counted."""
-    rows = read_rows(files)
     prompts: list[Prompt] = []
     dropped = skipped = 0
     for index, row in enumerate(rows):
         try:
-            question = row[cfg.question_field]
-            gold = extract_gold(row[cfg.answer_field], cfg.gold_format)
-            if question is None or str(question).strip() == "":
+            # `datasets` fills a field some rows lack with None, so None counts as missing.
+            question, answer = (_field(row, name) for name in (cfg.question_field, cfg.answer_field))
+            gold = extract_gold(answer, cfg.gold_format)
+            if str(question).strip() == "":
                 raise ValueError(f"empty '{cfg.question_field}'")
         except (KeyError, ValueError) as err:
             if cfg.on_bad_row == "skip":
@@ -78,7 +110,7 @@ def build_prompts(files: list[str], cfg: DataConfig, tokenizer: Any, seed: int) 
                 continue
             missing = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             raise ConfigError(
-                f"{files} row {index}: {missing} (fields present: {sorted(row)}); fix the row, point "
+                f"{source} row {index}: {missing} (fields present: {sorted(row)}); fix the row, point "
                 f"data.question_field / data.answer_field at the right fields, or set data.on_bad_row: skip"
             ) from None
         token_ids = encode_prompt(tokenizer, cfg, str(question))
@@ -88,11 +120,17 @@ def build_prompts(files: list[str], cfg: DataConfig, tokenizer: Any, seed: int) 
         prompts.append(Prompt(index=index, token_ids=token_ids, row={**row, "gold": gold}))
     if not prompts:
         raise ConfigError(
-            f"no usable prompts in {files}: {dropped} longer than data.max_prompt_tokens="
+            f"no usable prompts in {source}: {dropped} longer than data.max_prompt_tokens="
             f"{cfg.max_prompt_tokens}, {skipped} bad rows skipped"
         )
     random.Random(seed).shuffle(prompts)
-    return PromptSet(prompts, dropped, skipped, source=", ".join(Path(f).name for f in files))
+    return PromptSet(prompts, dropped, skipped, source=source)
+
+
+def _field(row: dict[str, Any], name: str) -> Any:
+    if row.get(name) is None:
+        raise KeyError(name)
+    return row[name]
 
 
 def encode_prompt(tokenizer: Any, cfg: DataConfig, question: str) -> list[int]:

@@ -18,7 +18,7 @@ from cluster.checkpoint import (
     save_checkpoint,
 )
 from cluster.config import ConfigError, RunConfig, resolve_project_path
-from cluster.data import Prompt, PromptSet, PromptStream, build_prompts
+from cluster.data import Prompt, PromptSet, PromptStream, load_split
 from cluster.evaluate import evaluate
 from cluster.fleet import Fleet, SyncError
 from cluster.metrics import MetricsSink
@@ -137,9 +137,14 @@ def _train_step(
         correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
     rewards_P_G = _regroup(scored.rewards, cfg.group_size)
     batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+    colocated = cfg.placement == "colocate"
     with timer("train"):
+        if colocated:  # the engine gives the GPU to the learner (no-op on CPU)
+            session.fleet.sleep()
         train_metrics = _get(session.learner.train_step.remote(batch))
     with timer("sync"):
+        if colocated:  # weights come back from CPU; the new ones arrive from the object store, not disk
+            session.fleet.wake_up()
         version, acks = _sync(cfg, session.learner, session.fleet, include_base=False)
     stats = rollout_stats(groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
     values = {**stats, **scored.metrics, **train_metrics, **timer.values, "policy_version": float(version)}
@@ -149,8 +154,15 @@ def _train_step(
 def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> dict[str, float]:
     if not session.held_out:
         return {}
+    cfg = session.cfg
     values = evaluate(
-        session.fleet, session.held_out, session.cfg.data.correctness, run_dir / "eval", f"step_{step:04d}"
+        session.fleet,
+        session.held_out,
+        cfg.data.correctness,
+        run_dir / "eval",
+        f"step_{step:04d}",
+        samples=cfg.data.eval_samples,
+        seed=cfg.seed + step,
     )
     if log:
         session.sink.log(step, values)
@@ -208,21 +220,21 @@ def _load_tokenizer(model: str) -> Any:
     return AutoTokenizer.from_pretrained(model)
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list]:
-    train = build_prompts(cfg.data.train_files, cfg.data, tokenizer, cfg.seed)
+def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:
+    train = load_split(cfg.data, "train", cfg.seed, tokenizer)
+    assert train is not None, "config validation guarantees a training source"
     echo(
         f"train prompts: {len(train.prompts)} from {train.source} "
         f"({train.dropped_too_long} longer than {cfg.data.max_prompt_tokens} tokens dropped, "
         f"{train.skipped_bad_rows} bad rows skipped)"
     )
-    held_out: list = []
-    if cfg.data.eval_files:
-        evaluation = build_prompts(cfg.data.eval_files, cfg.data, tokenizer, cfg.seed)
-        held_out = sorted(evaluation.prompts, key=lambda p: p.index)[: cfg.data.eval_max_prompts]
-        echo(
-            f"held-out prompts: {len(held_out)} from {evaluation.source} "
-            f"({evaluation.dropped_too_long} too long dropped)"
-        )
+    evaluation = load_split(cfg.data, "eval", cfg.seed, tokenizer)
+    if evaluation is None:
+        return train, []
+    held_out = sorted(evaluation.prompts, key=lambda p: p.index)[: cfg.data.eval_max_prompts]
+    echo(
+        f"held-out prompts: {len(held_out)} from {evaluation.source} ({evaluation.dropped_too_long} too long dropped)"
+    )
     return train, held_out
 
 

@@ -35,6 +35,16 @@ class Fleet:
         ]
         return [group for part in ray.get(futures) for group in part]
 
+    def sleep(self) -> None:
+        import ray
+
+        ray.get([worker.sleep.remote() for worker in self.workers])
+
+    def wake_up(self) -> None:
+        import ray
+
+        ray.get([worker.wake_up.remote() for worker in self.workers])
+
     def sync(self, update_ref: Any, version: int, checksum: str) -> list[SyncAck]:
         """Every worker loads the same object-store copy; any wrong or missing ack stops the run."""
         import ray

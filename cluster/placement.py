@@ -21,11 +21,14 @@ class Bundle:
 
 def plan_bundles(cfg: RunConfig) -> list[Bundle]:
     """What each actor reserves, learner first. In colocate mode the engine shares the learner's GPU."""
-    learner = Bundle("learner", cfg.learner.num_cpus, float(cfg.learner.num_gpus))
+    learner_gpus = float(cfg.learner.num_gpus)
     rollout_gpus = cfg.rollout.num_gpus_per_worker * cfg.rollout.tensor_parallel_size
     if cfg.placement == "colocate":
-        # Ray cannot split one GPU between two actors by bundles; the engine asks for a sliver of it.
-        rollout_gpus = min(rollout_gpus, 0.1) if rollout_gpus else 0.0
+        # One physical GPU shared by two actors: each asks Ray for half, so both land on it. Memory is
+        # shared by time instead (vLLM sleeps while the learner trains), not by these fractions.
+        learner_gpus = 0.5 if learner_gpus else 0.0
+        rollout_gpus = 0.5 if rollout_gpus else 0.0
+    learner = Bundle("learner", cfg.learner.num_cpus, learner_gpus)
     workers = [
         Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus)
         for i in range(cfg.rollout.num_workers)
@@ -81,7 +84,7 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             runtime_env={"env_vars": worker_env(cfg)},
         )
-        .remote(i, model, cfg.rollout, cfg.seed, lora_rank)
+        .remote(i, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
         for i, bundle in enumerate(worker_bundles)
     ]
     return learner, workers, group

@@ -36,7 +36,14 @@ def model_eos_ids(model: str) -> list[int]:
 class RolloutEngine:
     """One vLLM `LLM` in this process, sampling with the processed (temperature-scaled) logprobs."""
 
-    def __init__(self, model: str, cfg: RolloutConfig, seed: int, lora_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        cfg: RolloutConfig,
+        seed: int,
+        lora_rank: int | None = None,
+        sleep_mode: bool = False,
+    ) -> None:
         # The engine must live in this process (a Ray actor) so tensors reach it without a copy.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch
@@ -58,6 +65,8 @@ class RolloutEngine:
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            # Colocated with the learner: release weights and KV cache while it trains (CUDA only).
+            kwargs["enable_sleep_mode"] = sleep_mode
         else:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb * 2**20
         if lora_rank is not None:
@@ -125,7 +134,11 @@ class RolloutEngine:
         return dict(self.llm.collective_rpc("grpo_packed_modules")[0])
 
     def sleep(self) -> None:
-        """GPU colocate mode: free weights and KV cache while the learner trains (CUDA only)."""
+        """Colocate mode: offload weights to CPU and drop the KV cache while the learner trains.
+
+        Level 1, not 2: a merged sync sends only the layers the adapter changes, so the others must
+        survive the sleep.
+        """
         self.llm.sleep(level=1)
 
     def wake_up(self) -> None:

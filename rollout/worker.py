@@ -17,7 +17,13 @@ from rollout.weight_names import check_names
 
 class RolloutWorker:
     def __init__(
-        self, index: int, model: str, cfg: RolloutConfig, seed: int, lora_rank: int | None = None
+        self,
+        index: int,
+        model: str,
+        cfg: RolloutConfig,
+        seed: int,
+        lora_rank: int | None = None,
+        sleep_mode: bool = False,
     ) -> None:
         import torch
 
@@ -27,7 +33,10 @@ class RolloutWorker:
 
         self.index = index
         self.version = -1  # -1: still the checkpoint's own weights, never the learner's policy
-        self.engine = RolloutEngine(model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank)
+        self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM sleep mode is CUDA-only
+        self.engine = RolloutEngine(
+            model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank, sleep_mode=self.sleep_mode
+        )
 
     def generate(
         self,
@@ -69,6 +78,15 @@ class RolloutWorker:
         return SyncAck(
             worker=self.index, version=self.version, checksum=checksum, seconds=time.perf_counter() - start
         )
+
+    def sleep(self) -> None:
+        """Free the device for the learner (colocate mode on a GPU; a no-op elsewhere)."""
+        if self.sleep_mode:
+            self.engine.sleep()
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.engine.wake_up()
 
     def check_weight_names(self, checkpoint_names: list[str]) -> list[str]:
         """Problems mapping the learner's parameter names onto this engine (empty list: all map)."""

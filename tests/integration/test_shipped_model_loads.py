@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.config import load_config
-from cluster.data import build_prompts
+from cluster.data import load_split
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,9 @@ def _held_out(tiny_model: Path, count: int) -> list:
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    return build_prompts(cfg.data.eval_files, cfg.data, tokenizer, seed=0).prompts[:count]
+    held_out = load_split(cfg.data, "eval", 0, tokenizer)
+    assert held_out is not None
+    return held_out.prompts[:count]
 
 
 def test_vllm_greedy_matches_transformers(tiny_model: Path, ray_session: None) -> None:

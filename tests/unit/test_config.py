@@ -81,3 +81,9 @@ def test_config_imports_without_heavy_frameworks() -> None:
         "heavy = [m for m in ('torch', 'vllm', 'ray') if m in sys.modules]; print(heavy); assert not heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=DEMO.parents[1])
+
+
+@pytest.mark.parametrize("path", sorted((DEMO.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert derive_plan(cfg).sequences_per_step == cfg.prompts_per_step * cfg.group_size

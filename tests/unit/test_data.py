@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cluster.config import ConfigError, DataConfig
-from cluster.data import PromptStream, build_prompts, encode_prompt, extract_gold
+from cluster.data import PromptStream, encode_prompt, extract_gold, load_split
 
 
 class CharTokenizer:
@@ -38,12 +38,12 @@ def _write(tmp_path: Path, rows: list[dict[str, Any]]) -> str:
 def test_bad_row_is_named(tmp_path: Path) -> None:
     files = [_write(tmp_path, [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])]
     with pytest.raises(ConfigError, match=r"row 1: missing field 'answer'.*on_bad_row: skip"):
-        build_prompts(files, DataConfig(train_files=files), CharTokenizer(), seed=0)
+        load_split(DataConfig(train_files=files), "train", 0, CharTokenizer())
 
 
 def test_bad_row_skipped_and_counted(tmp_path: Path) -> None:
     files = [_write(tmp_path, [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])]
-    prompts = build_prompts(files, DataConfig(train_files=files, on_bad_row="skip"), CharTokenizer(), seed=0)
+    prompts = load_split(DataConfig(train_files=files, on_bad_row="skip"), "train", 0, CharTokenizer())
     assert (len(prompts.prompts), prompts.skipped_bad_rows) == (1, 1)
     assert prompts.prompts[0].row["gold"] == "2"
 
@@ -53,14 +53,14 @@ def test_long_prompts_dropped_and_counted(tmp_path: Path) -> None:
     files = [_write(tmp_path, rows)]
     # "<user>" + question + "<assistant>" = 6 + n + 11 characters, one token each
     cfg = DataConfig(train_files=files, max_prompt_tokens=6 + 5 + 11)
-    prompts = build_prompts(files, cfg, CharTokenizer(), seed=0)
+    prompts = load_split(cfg, "train", 0, CharTokenizer())
     assert (len(prompts.prompts), prompts.dropped_too_long) == (2, 1)
 
 
 def test_all_prompts_too_long_is_an_error(tmp_path: Path) -> None:
     files = [_write(tmp_path, [{"question": "x" * 50, "answer": "1"}])]
     with pytest.raises(ConfigError, match=r"no usable prompts.*1 longer than data\.max_prompt_tokens=4"):
-        build_prompts(files, DataConfig(train_files=files, max_prompt_tokens=4), CharTokenizer(), seed=0)
+        load_split(DataConfig(train_files=files, max_prompt_tokens=4), "train", 0, CharTokenizer())
 
 
 class DoubleBosTokenizer(CharTokenizer):
@@ -92,7 +92,7 @@ def test_gold_formats() -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(ConfigError, match=r"nope\.jsonl' not found"):
-        build_prompts([missing], DataConfig(train_files=[missing]), CharTokenizer(), seed=0)
+        load_split(DataConfig(train_files=[missing]), "train", 0, CharTokenizer())
 
 
 def test_stream_is_a_shuffled_cycle_resumable_from_its_cursor() -> None:
