@@ -38,6 +38,7 @@ class RunResult:
     final_version: int
     final_acks: list[SyncAck]
     run_dir: Path
+    worker_nodes: list[str]
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
-    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir)
+    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, session.fleet.nodes)
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
@@ -147,7 +148,14 @@ def _train_step(
             session.fleet.wake_up()
         version, acks = _sync(cfg, session.learner, session.fleet, include_base=False)
     stats = rollout_stats(groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
-    values = {**stats, **scored.metrics, **train_metrics, **timer.values, "policy_version": float(version)}
+    values = {
+        **stats,
+        **scored.metrics,
+        **train_metrics,
+        **timer.values,
+        "policy_version": float(version),
+        "sync/workers_acked": float(len(acks)),
+    }
     return values, version, acks
 
 
@@ -241,7 +249,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any) -> tuple[Any, Fleet]:
     import ray
 
-    from cluster.placement import start_actors
+    from cluster.placement import bundle_nodes, start_actors
 
     if not ray.is_initialized():
         ray.init(
@@ -252,10 +260,10 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
         )
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    learner, workers, group = start_actors(cfg, model, pad_id)
+    learner, workers, group = start_actors(cfg, model, pad_id, echo)
     stack.callback(_stop_actors, [learner, *workers], group)
     t0 = time.perf_counter()
-    fleet = Fleet(workers)
+    fleet = Fleet(workers, bundle_nodes(group))
     packed = _get(workers[0].packed_modules.remote())
     names = _get(learner.weight_names.remote(packed))
     problems = _get(workers[0].check_weight_names.remote(names))

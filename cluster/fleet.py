@@ -14,8 +14,9 @@ class SyncError(RuntimeError):
 
 
 class Fleet:
-    def __init__(self, workers: list[Any]) -> None:
+    def __init__(self, workers: list[Any], nodes: list[str]) -> None:
         self.workers = workers
+        self.nodes = nodes  # the Ray node each worker runs on
 
     def generate(
         self, prompts: list[Prompt], group_size: int, seeds: list[int] | None, greedy: bool = False

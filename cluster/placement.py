@@ -51,7 +51,7 @@ def learner_env(cfg: RunConfig) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(cfg.learner.threads), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any], Any]:
+def start_actors(cfg: RunConfig, model: str, pad_id: int, echo: Any = None) -> tuple[Any, list[Any], Any]:
     """(learner, rollout workers, placement group); actors start in parallel."""
     import ray
     from ray.util.placement_group import placement_group
@@ -75,6 +75,8 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any
         [_resources(b) for b in worker_bundles], strategy="SPREAD" if cfg.placement == "split" else "PACK"
     )
     ray.get(group.ready())
+    if echo is not None:
+        echo(describe_placement(group, worker_bundles))
     lora_rank = cfg.learner.lora.rank if cfg.sync == "adapter" else None
     workers = [
         ray.remote(RolloutWorker)
@@ -88,6 +90,21 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int) -> tuple[Any, list[Any
         for i, bundle in enumerate(worker_bundles)
     ]
     return learner, workers, group
+
+
+def bundle_nodes(group: Any) -> list[str]:
+    """The node id each rollout bundle was placed on, in worker order."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(group)
+    return [table["bundles_to_node_id"][i] for i in range(len(table["bundles"]))]
+
+
+def describe_placement(group: Any, bundles: list[Bundle]) -> str:
+    lines = ["placement:"]
+    for bundle, node in zip(bundles, bundle_nodes(group), strict=True):
+        lines.append(f"  {bundle.role:<10} -> node {node[:12]}  (CPU {bundle.cpus:g}, GPU {bundle.gpus:g})")
+    return "\n".join(lines)
 
 
 def _resources(bundle: Bundle) -> dict[str, float]:

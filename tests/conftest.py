@@ -29,10 +29,19 @@ def qwen2_packed() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for every test that needs it, stopped by its own handle at the end."""
-    import ray
+def ray_session() -> Iterator[list[str]]:
+    """A simulated two-node Ray cluster on this machine, shared by every test that needs Ray.
 
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
+    Two raylets with 2 logical CPUs each, so placement really chooses between nodes. Stopped by its
+    own handle at the end (never by killing processes by name). Yields the node ids.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    yield [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     ray.shutdown()
+    cluster.shutdown()

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 LOGPROB_TOLERANCE = 1e-4
 
 
-def test_three_steps_two_workers(tmp_path: Path, ray_session: None, tiny_model: Path) -> None:
+def test_three_steps_two_workers(tmp_path: Path, ray_session: list[str], tiny_model: Path) -> None:
     cfg = load_config(
         Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
         [
@@ -42,6 +42,9 @@ def test_three_steps_two_workers(tmp_path: Path, ray_session: None, tiny_model: 
 
     assert result.final_version == 3
     assert sorted((ack.worker, ack.version) for ack in result.final_acks) == [(0, 3), (1, 3)]
+    assert len(ray_session) == 2 and sorted(set(result.worker_nodes)) == sorted(ray_session), (
+        "SPREAD placement puts the two rollout workers on the two simulated nodes"
+    )
 
     adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
@@ -54,6 +57,7 @@ def test_three_steps_two_workers(tmp_path: Path, ray_session: None, tiny_model: 
         # steps 2 and 3 sample with weights the learner synced after an update: the gap shows the sync is exact
         assert s["sync/logprob_gap_max"] < LOGPROB_TOLERANCE, s
         assert s["policy_version"] == s["step"]
+        assert s["sync/workers_acked"] == 2  # every worker acknowledged every sync (a bad ack raises)
         assert torch.isfinite(torch.tensor(s["train/loss"]))
     for key in (
         "reward/mean",
@@ -67,3 +71,14 @@ def test_three_steps_two_workers(tmp_path: Path, ray_session: None, tiny_model: 
         "time/sync",
     ):
         assert any(key in s or f"train/{key}" in s for s in trained), key
+
+
+def test_resume_with_fewer_rollout_workers(tmp_path: Path, ray_session: list[str], tiny_model: Path) -> None:
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    common = [f"run_root={tmp_path}", "name=rescale", "data.eval_files=[]", "logging.progress_bar=false"]
+    run(load_config(demo, [*common, "steps=2"]), echo=lambda *_: None)
+    resumed = run(
+        load_config(demo, [*common, "steps=3", "rollout.num_workers=1", "resume=auto"]), echo=lambda *_: None
+    )
+    assert resumed.final_version == 3
+    assert [(ack.worker, ack.version) for ack in resumed.final_acks] == [(0, 3)]
