@@ -63,6 +63,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     run_dir = cfg.run_dir
     checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _size_colocated_engine(cfg, model, echo)
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
@@ -215,6 +216,25 @@ def _open_session(
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
     return _Session(cfg, learner, fleet, scorer, sink, held_out, echo)
+
+
+def _size_colocated_engine(cfg: RunConfig, model: str, echo: Any) -> None:
+    """Colocate on a GPU: vLLM's memory fraction comes from the memory plan, not a guess.
+
+    Refuses to start a run the plan says will not fit, with the knobs to turn.
+    """
+    import torch
+
+    if cfg.placement != "colocate" or not torch.cuda.is_available():
+        return
+    from cluster.memory import ModelShape, inputs_from_config, plan_memory
+
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    plan = plan_memory(inputs_from_config(cfg, ModelShape.from_pretrained(model), device_gib))
+    echo(plan.render())
+    if not plan.fits:
+        raise ConfigError(f"the run does not fit in {device_gib:.1f} GiB:\n  " + "\n  ".join(plan.advice))
+    cfg.rollout.gpu_memory_utilization = plan.gpu_memory_utilization
 
 
 def _model_path(cfg: RunConfig) -> str:

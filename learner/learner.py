@@ -81,7 +81,14 @@ class Learner:
             )
         with_base = include_base or kind == "base"
         modules = modules_to_send(self.policy, self.packed_modules, include_base=with_base)
-        tensors = list(merged_weights(self.policy, modules, self.rollout_dtype, with_lora=kind == "merged"))
+        # Each merged tensor goes to host memory as it is built: the object store needs it there, and
+        # the device never holds a second copy of the model.
+        tensors = [
+            (name, tensor.cpu())
+            for name, tensor in merged_weights(
+                self.policy, modules, self.rollout_dtype, with_lora=kind == "merged"
+            )
+        ]
         return WeightUpdate(
             version=self.version,
             mode="merged",
@@ -147,6 +154,9 @@ class Learner:
             merged["grad_norm"] = float(grad_norm)
             pass_metrics.append(merged)
         self.version += 1
+        if self.device == "cuda":
+            # Colocated vLLM wakes into this memory; the caching allocator would otherwise keep it.
+            torch.cuda.empty_cache()
 
         metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
         metrics["train/lr"] = float(self.scheduler.get_last_lr()[0])

@@ -53,7 +53,9 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
     policy = get_peft_model(base, lora)
     for name, param in policy.named_parameters():
         if param.requires_grad:
-            param.data = param.data.to(dtype)  # LoRA weights in the compute dtype, like the base's matmuls
+            # fp32 adapter even with a bf16 base: an AdamW step of ~1e-5 on bf16 weights of ~1e-2 is
+            # below bf16's resolution there (~6e-5) and would round away. PEFT casts the input per layer.
+            param.data = param.data.float()
             assert "lora_" in name, f"only LoRA parameters may train, found trainable '{name}'"
     return policy
 
