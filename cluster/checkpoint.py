@@ -60,17 +60,12 @@ def save_checkpoint(
     run_dir: Path, state: TrainerState, learner_state: dict[str, Any], config_yaml: str, keep: int
 ) -> Path:
     import torch
-    from safetensors.torch import save_file
 
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
     work = Path(tempfile.mkdtemp(prefix=f"{final.name}.", suffix=".partial", dir=root))
-    (work / "adapter").mkdir()
-    save_file(learner_state["adapter"], str(work / "adapter" / "adapter_model.safetensors"))
-    (work / "adapter" / "adapter_config.json").write_text(
-        json.dumps(learner_state["adapter_config"], indent=2)
-    )
+    write_adapter(work / "adapter", learner_state)
     torch.save(
         {k: learner_state[k] for k in ("optimizer", "scheduler", "torch_rng")}, work / "learner_state.pt"
     )
@@ -85,6 +80,16 @@ def save_checkpoint(
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def write_adapter(directory: Path, learner_state: dict[str, Any]) -> Path:
+    """The adapter in PEFT's on-disk format, written where the driver runs (the learner may be remote)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(learner_state["adapter"], str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(learner_state["adapter_config"], indent=2))
+    return directory
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -109,6 +109,9 @@ class RunConfig(Strict):
     resume: str = Field(
         "never", description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path."
     )
+    node_labels: bool = Field(
+        False, description="Also require the 'learner' / 'rollout' node resources cluster/cluster.yaml defines."
+    )
     ray_address: str | None = Field(None, description="Ray cluster address; null starts a local Ray.")
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")

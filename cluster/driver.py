@@ -16,6 +16,7 @@ from cluster.checkpoint import (
     load_checkpoint,
     restore_metrics,
     save_checkpoint,
+    write_adapter,
 )
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data import Prompt, PromptSet, PromptStream, load_split
@@ -92,7 +93,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
                 save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
 
         after = _evaluate(session, run_dir, step=cfg.steps)
-        _get(session.learner.save_adapter.remote(str(run_dir / "adapter")))
+        write_adapter(run_dir / "adapter", _get(session.learner.checkpoint_state.remote()))
     echo(f"report: {write_report(run_dir)}")
     seconds = time.perf_counter() - start
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
