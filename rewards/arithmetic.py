@@ -4,8 +4,9 @@ Pure python (no torch) so the dataset builder, the reward side and the tests can
 
 Every ordered pair (a, b) with 10 <= a, b <= 99 is one problem (8,100 in all). A seeded shuffle
 puts ``n_test`` pairs, half of them with a carry, in the held-out split and the rest in train, so
-the two splits never share a pair. ``forgot_carry_answer`` is the systematic mistake the shipped tiny model was taught to
-prefer (see ``scripts/build_tiny_model.py``); it is exposed so evaluations can count it.
+the two splits never share a pair. ``forgot_carry_answer`` is the systematic mistake the shipped
+tiny model was taught to prefer (see ``scripts/build_tiny_model.py``); it is exposed so
+evaluations can count it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 LO, HI = 10, 99
 N_TEST = 300
+SEED = 1234  # the shipped assets/arith splits (and the tiny model trained on them) use this seed
 SPLITS = ("train", "test")
 
 _QUESTION_RE = re.compile(r"^What is (\d+)\+(\d+)\?$")

@@ -1,0 +1,116 @@
+"""The shipped tiny model: loadable with plain transformers, Qwen-style chat, and RL headroom.
+
+The accuracy band is the demo's contract: below 10% GRPO groups would rarely contain a right
+answer, above 60% there is little left to improve (see scripts/build_tiny_model.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from rewards import arithmetic
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "assets" / "tiny-qwen2"
+DATA_DIR = ROOT / "assets" / "arith"
+SHIPPED_FILES = ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def render(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    assert isinstance(text, str)
+    return text
+
+
+def test_tokenizer_chat_template_and_stop_ids() -> None:
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    gen = GenerationConfig.from_pretrained(MODEL_DIR)
+    im_end, endoftext = (tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+
+    assert (
+        render(tok, "What is 47+38?") == "<|im_start|>user\nWhat is 47+38?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    assert gen.eos_token_id == [im_end, endoftext]
+    assert gen.pad_token_id == endoftext
+    # Special tokens are atomic, newline is a token, and text round-trips through ids.
+    ids = tok.encode("<|im_start|>user\n12+3=15.<|im_end|>", add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == im_end
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and newline[0] in ids
+    assert tok.decode(ids) == "<|im_start|>user\n12+3=15.<|im_end|>"
+
+
+def test_config_fits_vllm_cpu() -> None:
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert head_dim == 64  # vLLM's CPU attention kernel rejects 16
+    assert cfg.vocab_size % 64 == 0 and cfg.vocab_size >= len(AutoTokenizer.from_pretrained(MODEL_DIR))
+    assert not cfg.tie_word_embeddings
+
+
+def test_shipped_splits_are_disjoint() -> None:
+    splits = {name: arithmetic.read_split(DATA_DIR / f"{name}.jsonl") for name in arithmetic.SPLITS}
+    assert len(splits["train"]) >= 2000 and len(splits["test"]) == arithmetic.N_TEST
+    train_q = {r["question"] for r in splits["train"]}
+    assert not train_q & {r["question"] for r in splits["test"]}
+    assert splits == arithmetic.make_problems(arithmetic.SEED)  # the files are what the seed makes
+
+
+@torch.no_grad()
+def test_greedy_heldout_accuracy_leaves_room_for_rl() -> None:
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    rows = arithmetic.read_split(DATA_DIR / "test.jsonl")
+
+    batch = tok(
+        [render(tok, r["question"]) for r in rows],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+    )
+    out = model.generate(**batch, do_sample=False, max_new_tokens=6)  # eos/pad from generation_config
+    completions = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+    answers = [c.split("<|im_end|>")[0].strip() for c in completions]
+
+    acc = sum(a == r["answer"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+    assert 0.10 <= acc <= 0.60, f"held-out greedy accuracy {acc:.3f} is outside the RL-headroom band"
+
+
+@pytest.mark.slow
+def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "build_tiny_model.py"),
+            "--out-model",
+            str(tmp_path / "model"),
+            "--out-data",
+            str(tmp_path / "data"),
+            "--skip-eval",
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    for name in SHIPPED_FILES:
+        assert sha256(tmp_path / "model" / name) == sha256(MODEL_DIR / name), name
+    for name in arithmetic.SPLITS:
+        assert sha256(tmp_path / "data" / f"{name}.jsonl") == sha256(DATA_DIR / f"{name}.jsonl"), name
