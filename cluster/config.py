@@ -110,7 +110,8 @@ class RunConfig(Strict):
         "never", description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path."
     )
     node_labels: bool = Field(
-        False, description="Also require the 'learner' / 'rollout' node resources cluster/cluster.yaml defines."
+        False,
+        description="Also require the 'learner' / 'rollout' node resources cluster/cluster.yaml defines.",
     )
     ray_address: str | None = Field(None, description="Ray cluster address; null starts a local Ray.")
     data: DataConfig
@@ -134,6 +135,11 @@ class RunConfig(Strict):
             raise ValueError(
                 f"data.max_prompt_tokens + rollout.sampling.max_new_tokens = {longest} exceeds "
                 f"rollout.max_model_len = {self.rollout.max_model_len}; raise max_model_len or lower one of the two"
+            )
+        if self.placement == "colocate" and self.learner.num_gpus > 1:
+            raise ValueError(
+                f"placement 'colocate' shares ONE GPU, but learner.num_gpus = {self.learner.num_gpus}; "
+                "use placement 'split' for a data-parallel learner"
             )
         if self.placement == "colocate" and self.rollout.num_workers != 1:
             raise ValueError(

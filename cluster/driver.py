@@ -70,7 +70,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     with ExitStack() as stack:
         session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
         if learner_state is not None:
-            _get(session.learner.restore.remote(learner_state, state.version))
+            session.learner.restore(learner_state, state.version)
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
@@ -89,11 +89,11 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
             progress(step, values)
             state = TrainerState(step, version, stream.cursor, state.accuracy_before)
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                learner_checkpoint = _get(session.learner.checkpoint_state.remote())
+                learner_checkpoint = session.learner.checkpoint_state()
                 save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
 
         after = _evaluate(session, run_dir, step=cfg.steps)
-        write_adapter(run_dir / "adapter", _get(session.learner.checkpoint_state.remote()))
+        write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
     echo(f"report: {write_report(run_dir)}")
     seconds = time.perf_counter() - start
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
@@ -115,7 +115,7 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     with ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer(cfg.rewards))
         learner, fleet = _start(cfg, model, tokenizer, stack, echo)
-        _get(learner.load_adapter.remote(load_file(str(adapter_dir / "adapter_model.safetensors"))))
+        learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
         _sync(cfg, learner, fleet, include_base=True)
         del scorer
         return evaluate(fleet, held_out, cfg.data.correctness, out_dir, f"adapter_{adapter_dir.parent.name}")[
@@ -144,7 +144,7 @@ def _train_step(
     with timer("train"):
         if colocated:  # the engine gives the GPU to the learner (no-op on CPU)
             session.fleet.sleep()
-        train_metrics = _get(session.learner.train_step.remote(batch))
+        train_metrics = session.learner.train_step(batch)
     with timer("sync"):
         if colocated:  # weights come back from CPU; the new ones arrive from the object store, not disk
             session.fleet.wake_up()
@@ -270,7 +270,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any) -> tuple[Any, Fleet]:
     import ray
 
-    from cluster.placement import bundle_nodes, start_actors
+    from cluster.placement import bundle_nodes, start_learner_group, start_workers
 
     if not ray.is_initialized():
         ray.init(
@@ -281,12 +281,15 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
         )
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    learner, workers, group = start_actors(cfg, model, pad_id, echo)
-    stack.callback(_stop_actors, [learner, *workers], group)
+    # The learner ranks load the model while the engines start; both are waited on below.
+    learner = start_learner_group(cfg, model, pad_id)
+    stack.callback(learner.stop)
+    workers, group = start_workers(cfg, model, echo)
+    stack.callback(_stop_actors, workers, group)
     t0 = time.perf_counter()
     fleet = Fleet(workers, bundle_nodes(group))
     packed = _get(workers[0].packed_modules.remote())
-    names = _get(learner.weight_names.remote(packed))
+    names = learner.weight_names(packed)
     problems = _get(workers[0].check_weight_names.remote(names))
     if problems:
         raise SyncError(
@@ -310,7 +313,7 @@ def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> tup
         kinds.append(("adapter", False))
     version, acks = -1, []
     for kind, with_base in kinds:
-        update_ref, summary_ref = learner.export_for_sync.options(num_returns=2).remote(kind, with_base)
+        update_ref, summary_ref = learner.export_for_sync(kind, with_base)
         version, checksum = _get(summary_ref)
         acks = fleet.sync(update_ref, version, checksum)
     return version, acks
@@ -335,7 +338,7 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _stop_actors(actors: list[Any], group: Any) -> None:
+def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
     import ray
     from ray.util.placement_group import remove_placement_group
 

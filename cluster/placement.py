@@ -17,6 +17,7 @@ class Bundle:
     role: str
     cpus: float
     gpus: float
+    label: str | None = None  # a custom node resource ("learner" / "rollout") the bundle must land on
 
 
 def plan_bundles(cfg: RunConfig) -> list[Bundle]:
@@ -28,9 +29,10 @@ def plan_bundles(cfg: RunConfig) -> list[Bundle]:
         # shared by time instead (vLLM sleeps while the learner trains), not by these fractions.
         learner_gpus = 0.5 if learner_gpus else 0.0
         rollout_gpus = 0.5 if rollout_gpus else 0.0
-    learner = Bundle("learner", cfg.learner.num_cpus, learner_gpus)
+    labelled = cfg.node_labels and cfg.placement == "split"
+    learner = Bundle("learner", cfg.learner.num_cpus, learner_gpus, "learner" if labelled else None)
     workers = [
-        Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus)
+        Bundle(f"rollout-{i}", cfg.rollout.num_cpus_per_worker, rollout_gpus, "rollout" if labelled else None)
         for i in range(cfg.rollout.num_workers)
     ]
     return [learner, *workers]
@@ -51,26 +53,80 @@ def learner_env(cfg: RunConfig) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(cfg.learner.threads), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start_actors(cfg: RunConfig, model: str, pad_id: int, echo: Any = None) -> tuple[Any, list[Any], Any]:
-    """(learner, rollout workers, placement group); actors start in parallel."""
+def learner_world_size(cfg: RunConfig) -> int:
+    """Data-parallel learner ranks a run uses: one per learner GPU (one learner on CPU)."""
+    return max(1, cfg.learner.num_gpus)
+
+
+def start_learner_group(cfg: RunConfig, model: str, pad_id: int, world_size: int | None = None) -> Any:
+    """The learner as a `learner.data_parallel.LearnerGroup`; returns while the ranks load the model.
+
+    `world_size` defaults to `learner_world_size(cfg)`; each rank reserves one GPU (none when
+    learner.num_gpus is 0, which is how CPU ranks are asked for, e.g. in tests). One rank is exactly
+    the plain single learner. Several are placed PACKed (one node if they fit) and join a DeepSpeed group.
+    """
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from learner.data_parallel import LearnerGroup
+
+    world = world_size or learner_world_size(cfg)
+    if world == 1:
+        return LearnerGroup([_learner_actor(cfg, model, pad_id, plan_bundles(cfg)[0])], cfg.learner)
+    if cfg.learner.num_gpus not in (0, world):
+        raise ValueError(
+            f"{world} learner ranks need one GPU each, but learner.num_gpus = {cfg.learner.num_gpus}"
+        )
+    if cfg.placement == "colocate":
+        raise ValueError(
+            "placement 'colocate' shares ONE GPU with the engine; data-parallel ranks need 'split'"
+        )
+    bundle = Bundle("learner", cfg.learner.num_cpus, 1.0 if cfg.learner.num_gpus else 0.0)
+    group = placement_group([_resources(bundle)] * world, strategy="PACK")
+    ranks = [
+        _learner_actor(
+            cfg,
+            model,
+            pad_id,
+            bundle,
+            PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        )
+        for i in range(world)
+    ]
+    return LearnerGroup(ranks, cfg.learner, group)
+
+
+def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, strategy: Any = None) -> Any:
+    import ray
+
+    from learner.learner import Learner
+
+    options: dict[str, Any] = {
+        "num_cpus": bundle.cpus,
+        "num_gpus": bundle.gpus,
+        "runtime_env": {"env_vars": learner_env(cfg)},
+        "name": None,
+    }
+    if strategy is not None:
+        options["scheduling_strategy"] = strategy
+    elif bundle.label:
+        options["resources"] = {bundle.label: 0.001}
+    return (
+        ray.remote(Learner)
+        .options(**options)
+        .remote(model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
+    )
+
+
+def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[Any], Any]:
+    """(rollout workers, their placement group): one bundle each, SPREAD in split mode."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from learner.learner import Learner
     from rollout.worker import RolloutWorker
 
-    learner_bundle, *worker_bundles = plan_bundles(cfg)
-    learner = (
-        ray.remote(Learner)
-        .options(
-            num_cpus=learner_bundle.cpus,
-            num_gpus=learner_bundle.gpus,
-            runtime_env={"env_vars": learner_env(cfg)},
-            name=None,
-        )
-        .remote(model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
-    )
+    worker_bundles = plan_bundles(cfg)[1:]
     group = placement_group(
         [_resources(b) for b in worker_bundles], strategy="SPREAD" if cfg.placement == "split" else "PACK"
     )
@@ -89,7 +145,7 @@ def start_actors(cfg: RunConfig, model: str, pad_id: int, echo: Any = None) -> t
         .remote(i, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
         for i, bundle in enumerate(worker_bundles)
     ]
-    return learner, workers, group
+    return workers, group
 
 
 def bundle_nodes(group: Any) -> list[str]:
@@ -111,4 +167,6 @@ def _resources(bundle: Bundle) -> dict[str, float]:
     resources = {"CPU": bundle.cpus}
     if bundle.gpus:
         resources["GPU"] = bundle.gpus
+    if bundle.label:
+        resources[bundle.label] = 0.001  # any amount pins the bundle to a node that has the label
     return resources

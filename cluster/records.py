@@ -49,6 +49,21 @@ class Batch:
             raise ValueError(f"rewards shape {[len(r) for r in self.rewards_P_G]} != groups {shapes}")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One data-parallel rank's part of a Batch, with what only the whole batch determines.
+
+    Advantages need whole groups and the loss normaliser the whole batch, so both are computed before
+    the split; each rank's loss is then its exact share of the single-process loss.
+    """
+
+    groups: list[Group]  # this rank's sequences; a group's completions may be split between ranks
+    advantages: list[float]  # one per sequence, in the order the groups' completions flatten to
+    valid: list[bool]  # False: the reward was masked (the sequence adds nothing to the loss)
+    normaliser: float  # the whole batch's loss normaliser (learner.grpo.loss_normaliser)
+    micro_batches: int  # forward/backward passes every rank makes, so the gradient collectives line up
+
+
 @dataclass
 class WeightUpdate:
     """What a rollout worker needs to run the learner's current policy.

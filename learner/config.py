@@ -90,5 +90,9 @@ class LearnerConfig(Strict):
     num_gpus: int = Field(
         0, ge=0, description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed."
     )
+    # Not 3: ZeRO-3 partitions every parameter of the module, the frozen 4-bit base included.
+    zero_stage: int = Field(
+        0, ge=0, le=2, description="DeepSpeed ZeRO stage over the LoRA parameters when data-parallel (0-2)."
+    )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner.")
     threads: int = Field(2, ge=1, description="CPU only: torch threads the learner uses.")

@@ -1,7 +1,9 @@
 """Learner: the Ray actor that trains the QLoRA policy and exports it for the rollout workers.
 
 Coarse verbs: `train_step(batch)`, `export(...)`, `weight_names()`. The math is in learner/grpo.py;
-this file only moves tensors between it and the model.
+this file only moves tensors between it and the model. Several Learners can train one policy
+data-parallel: each becomes a rank (`join_data_parallel`) and trains its `Shard` of every batch
+(`train_shard`); learner/data_parallel.py drives them.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from typing import Any
 
 import torch
 
-from cluster.records import Batch, WeightUpdate
-from learner.config import LearnerConfig
+from cluster.records import Batch, Group, Shard, WeightUpdate
+from learner.config import LearnerConfig, LossConfig
 from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import completion_logprobs, pack
 from learner.merge import merged_weights, modules_to_send, parameter_names
 from learner.model import load_adapter_weights, load_policy, torch_dtype
+from learner.optim import LocalUpdater, Updater
 from rollout.checksum import weights_checksum
 
 
@@ -39,12 +42,9 @@ class Learner:
         self.pad_id = pad_id
         self.rollout_dtype = torch_dtype(rollout_dtype)
         self.policy = load_policy(model, cfg, seed=seed, device=self.device)
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
-        )
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.updater: Updater = LocalUpdater(self.trainable, cfg)
+        self.model: Any = self.policy  # what forwards run through (a rank's DeepSpeed engine wraps it)
         self.loss_settings = LossSettings(
             clip_low=cfg.loss.clip_low,
             clip_high=cfg.loss.clip_high,
@@ -118,40 +118,42 @@ class Learner:
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One GRPO update on a scored batch; returns the step's learner metrics."""
-        start = time.perf_counter()
-        rows = _flatten(batch)
-        rewards_P_G = torch.tensor(
-            [[math.nan if r is None else r for r in group] for group in batch.rewards_P_G],
-            dtype=torch.float32,
-        )
-        valid_P_G = ~torch.isnan(rewards_P_G)
-        advantages_B = group_advantages(
-            rewards_P_G, valid_P_G, scale_by_std=self.cfg.loss.scale_advantages_by_std
-        )
-        advantages_B = advantages_B.reshape(-1)
-        valid_B = valid_P_G.reshape(-1)
-        lengths_B = torch.tensor([len(r["completion"]) for r in rows])
-        steps_T = torch.arange(max(1, int(lengths_B.max())))
-        full_mask_B_T = (steps_T[None, :] < lengths_B[:, None]) & valid_B[:, None]
-        normaliser = loss_normaliser(full_mask_B_T, self.cfg.loss.aggregation, batch.max_new_tokens)
-        micro_batches = self._micro_batches(rows)
+        rows = _flatten(batch.groups)
+        advantages_B, valid_B, normaliser = batch_targets(batch, self.cfg.loss)
+        return self._train(rows, advantages_B, valid_B, normaliser, self._micro_batches(rows))
 
+    def train_shard(self, shard: Shard) -> dict[str, float]:
+        """A data-parallel rank's part of one update: its sequences, with the whole batch's advantages
+        and normaliser. Every rank must be called with its shard of the same batch."""
+        rows = _flatten(shard.groups)
+        advantages_B = torch.tensor(shard.advantages, dtype=torch.float32)
+        valid_B = torch.tensor(shard.valid, dtype=torch.bool)
+        micro_batches = self._micro_batches(rows, count=shard.micro_batches)
+        return self._train(rows, advantages_B, valid_B, shard.normaliser, micro_batches)
+
+    def _train(
+        self,
+        rows: list[dict[str, Any]],
+        advantages_B: torch.Tensor,
+        valid_B: torch.Tensor,
+        normaliser: float,
+        micro_batches: list[list[int]],
+    ) -> dict[str, float]:
+        start = time.perf_counter()
         self.policy.train()
         fixed = self._fixed_logprobs(rows, micro_batches)
         pass_metrics = []
         for _ in range(self.cfg.passes):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.updater.zero_grad()
             parts = [
-                self._accumulate(rows, indices, advantages_B, valid_B, normaliser, fixed)
-                for indices in micro_batches
+                self._accumulate(
+                    rows, indices, advantages_B, valid_B, normaliser, fixed, last=k == len(micro_batches) - 1
+                )
+                for k, indices in enumerate(micro_batches)
             ]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.policy.parameters() if p.requires_grad], self.cfg.max_grad_norm
-            )
-            self.optimizer.step()
-            self.scheduler.step()
+            grad_norm = self.updater.step()
             merged = combine_metrics(parts)
-            merged["grad_norm"] = float(grad_norm)
+            merged["grad_norm"] = grad_norm
             pass_metrics.append(merged)
         self.version += 1
         if self.device == "cuda":
@@ -159,7 +161,7 @@ class Learner:
             torch.cuda.empty_cache()
 
         metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
-        metrics["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["train/lr"] = self.updater.lr()
         metrics["train/advantage_abs_mean"] = (
             float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
         )
@@ -167,11 +169,18 @@ class Learner:
         metrics.update(fixed["mismatch"])
         return metrics
 
-    def _micro_batches(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+    def _micro_batches(self, rows: list[dict[str, Any]], count: int | None = None) -> list[list[int]]:
+        """Index lists of at most micro_batch_size rows; exactly `count` of them when given (a rank
+        with fewer rows than that gets empty ones, which still take part in the collectives)."""
         # Similar lengths together: less padding per forward. Order does not change the gradient.
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]) + len(rows[i]["completion"]))
         size = self.cfg.micro_batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        if count is not None:
+            if len(chunks) > count:
+                raise ValueError(f"{len(rows)} rows need {len(chunks)} micro-batches of {size}, not {count}")
+            chunks += [[] for _ in range(count - len(chunks))]
+        return chunks
 
     @torch.no_grad()
     def _fixed_logprobs(self, rows: list[dict[str, Any]], micro_batches: list[list[int]]) -> dict[str, Any]:
@@ -183,10 +192,10 @@ class Learner:
         old: dict[int, torch.Tensor] = {}
         ref: dict[int, torch.Tensor] = {}
         need_old = self.cfg.passes > 1 or self.cfg.loss.tis_cap is not None
-        for indices in micro_batches:
+        for indices in (i for i in micro_batches if i):
             packed = self._pack(rows, indices)
             if need_old:
-                logprobs, _ = completion_logprobs(self.policy, packed, self.temperature)
+                logprobs, _ = completion_logprobs(self.model, packed, self.temperature)
                 old.update({i: logprobs[k] for k, i in enumerate(indices)})
             if self.cfg.loss.beta > 0:
                 with self.policy.disable_adapter():
@@ -202,10 +211,15 @@ class Learner:
         valid_B: torch.Tensor,
         normaliser: float,
         fixed: dict[str, Any],
+        last: bool,
     ) -> dict[str, float]:
+        if not indices:  # a rank's filler micro-batch: zero gradient, same collectives as the others
+            logits = self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device)).logits
+            self.updater.backward(logits.sum() * 0.0, last)
+            return {}
         packed = self._pack(rows, indices)
         logprobs_B_T, entropy_B_T = completion_logprobs(
-            self.policy, packed, self.temperature, with_entropy=True
+            self.model, packed, self.temperature, with_entropy=True
         )
         width = logprobs_B_T.shape[1]
         mask_B_T = packed.completion_mask_B_T & valid_B[indices].to(self.device)[:, None]
@@ -224,7 +238,7 @@ class Learner:
             ref_logprobs_B_T=ref_B_T,
             sampler_logprobs_B_T=sampler_B_T if self.loss_settings.tis_cap is not None else None,
         )
-        loss.backward()
+        self.updater.backward(loss, last)
         assert entropy_B_T is not None
         token_mask = packed.completion_mask_B_T
         metrics["entropy"] = float(entropy_B_T[token_mask].mean()) if token_mask.any() else 0.0
@@ -249,8 +263,7 @@ class Learner:
         return {
             "adapter": dict(tensors),
             "adapter_config": config,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.updater.state_dict(),  # "optimizer", "scheduler"
             "torch_rng": torch.get_rng_state(),
             "version": self.version,
         }
@@ -258,23 +271,56 @@ class Learner:
     def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
         """Adapter weights in PEFT's state-dict naming (as saved by save_pretrained / checkpoints)."""
         load_adapter_weights(self.policy, tensors)
+        self.updater.weights_loaded()
 
     def restore(self, state: dict[str, Any], version: int) -> None:
         """Continue from a checkpoint: adapter weights, optimiser and scheduler state, RNG, version."""
         self.load_adapter(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.updater.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.version = version
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
 
+    # ---- data parallel -----------------------------------------------------------------------
 
-def _flatten(batch: Batch) -> list[dict[str, Any]]:
+    def rendezvous(self) -> tuple[str, int]:
+        """This rank's address and a free port: rank 0's is where the group meets."""
+        from learner.zero import rendezvous_address
+
+        return rendezvous_address()
+
+    def join_data_parallel(self, rank: int, world_size: int, address: tuple[str, int]) -> None:
+        """Become one rank of a DeepSpeed data-parallel group (call on every rank at once: it blocks
+        until all have joined). From here on `train_shard` trains, and state calls are collective."""
+        from learner.zero import ZeroUpdater
+
+        updater = ZeroUpdater(self.policy, self.trainable, self.cfg, rank, world_size, *address)
+        self.updater, self.model = updater, updater.engine
+
+
+def batch_targets(batch: Batch, loss: LossConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-sequence advantages and validity (flattened group by group), and the loss normaliser:
+    what only the whole batch determines."""
+    rewards_P_G = torch.tensor(
+        [[math.nan if r is None else r for r in group] for group in batch.rewards_P_G],
+        dtype=torch.float32,
+    )
+    valid_P_G = ~torch.isnan(rewards_P_G)
+    advantages_B = group_advantages(rewards_P_G, valid_P_G, scale_by_std=loss.scale_advantages_by_std)
+    valid_B = valid_P_G.reshape(-1)
+    lengths_B = torch.tensor([len(c.token_ids) for g in batch.groups for c in g.completions])
+    steps_T = torch.arange(max(1, int(lengths_B.max())))
+    full_mask_B_T = (steps_T[None, :] < lengths_B[:, None]) & valid_B[:, None]
+    normaliser = loss_normaliser(full_mask_B_T, loss.aggregation, batch.max_new_tokens)
+    return advantages_B.reshape(-1), valid_B, normaliser
+
+
+def _flatten(groups: list[Group]) -> list[dict[str, Any]]:
     return [
         {"prompt": g.prompt_token_ids, "completion": c.token_ids, "sampler_logprobs": c.logprobs}
-        for g in batch.groups
+        for g in groups
         for c in g.completions
     ]
 

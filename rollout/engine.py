@@ -69,6 +69,10 @@ class RolloutEngine:
             kwargs["enable_sleep_mode"] = sleep_mode
         else:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb * 2**20
+            # A partially prefilled request has its sampled token discarded and its seeded generator
+            # rewound (`set_offset`), which CPU generators do not support: vLLM 0.32 then fails with
+            # "CPU Generator does not use offset". Whole-prompt prefills never rewind.
+            kwargs["enable_chunked_prefill"] = False
         if lora_rank is not None:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
         self.llm = LLM(**kwargs)
