@@ -1,0 +1,61 @@
+"""The CLI's verbs and help, and the metrics sinks (JSONL always, wandb offline when enabled)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import load_config
+from cluster.metrics import MetricsSink, read_metrics
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+@pytest.mark.parametrize("verb", ["train", "check", "eval", "export", "report"])
+def test_every_verb_has_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert verb in capsys.readouterr().out
+
+
+def test_check_prints_the_plan_without_loading_a_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(DEMO), "steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 steps = 64 prompts" in out and "config ok" in out
+
+
+def test_bad_config_is_one_message_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(DEMO), "learner.lora.rnak=4"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'rank'" in err and "Traceback" not in err
+
+
+def test_missing_run_dir_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tmp_path / "nope"), "--merged", str(tmp_path / "out")]) == 2
+    assert "no config.yaml found" in capsys.readouterr().err
+
+
+def test_jsonl_sink_round_trip_and_nan(tmp_path: Path) -> None:
+    sink = MetricsSink(load_config(DEMO), tmp_path)
+    sink.log(1, {"reward/mean": 0.5, "train/kl_mean": float("nan")})
+    sink.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "reward/mean": 0.5, "train/kl_mean": None}]
+
+
+def test_wandb_offline_writes_locally_with_the_config(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    cfg = load_config(DEMO, ["logging.wandb=true", "logging.wandb_mode=offline", "name=wb"])
+    sink = MetricsSink(cfg, tmp_path)
+    sink.log(1, {"reward/mean": 0.25})
+    sink.log(2, {"reward/mean": 0.75})
+    sink.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "offline mode writes a local run and sends nothing"
+    # offline runs keep config and history in the run's record file until `wandb sync`
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b'"micro_batch_size":64' in records and b"reward/mean" in records
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["reward/mean"] == 0.75
