@@ -42,13 +42,26 @@ def _command(run_root: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
+def _own_ray_env() -> dict[str, str]:
+    # Each run starts its own local Ray: never join the session's test cluster through RAY_ADDRESS.
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+
 def _per_step(run_dir: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return {r["step"]: r for r in rows if "train/loss" in r}
 
 
 def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
-    subprocess.run(_command(tmp_path, "straight"), cwd=ROOT, check=True, capture_output=True, timeout=900)
+    straight = subprocess.run(
+        _command(tmp_path, "straight"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_own_ray_env(),
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
 
     # start_new_session: the run's local Ray (raylet, GCS, actors) lives in its process group, so one
     # SIGKILL to the group kills all of it, as a crash or a pre-empted node would.
@@ -57,6 +70,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
         _command(tmp_path, "killed"),
         cwd=ROOT,
         start_new_session=True,
+        env=_own_ray_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -71,7 +85,12 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
     (killed_dir / "checkpoints" / "step_000009.crash.partial").mkdir()
 
     resumed = subprocess.run(
-        [*_command(tmp_path, "killed"), "resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [*_command(tmp_path, "killed"), "resume=auto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_own_ray_env(),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "ignoring incomplete checkpoint" in resumed.stdout
