@@ -113,7 +113,10 @@ class RunConfig(Strict):
         False,
         description="Also require the 'learner' / 'rollout' node resources cluster/cluster.yaml defines.",
     )
-    ray_address: str | None = Field(None, description="Ray cluster address; null starts a local Ray.")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address ('auto': the running one); null: $RAY_ADDRESS, else a new local Ray.",
+    )
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="QLoRA learner and GRPO loss.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -273,8 +274,11 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
 
     if not ray.is_initialized():
+        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
+        # ray.init() alone would join whatever Ray instance happens to run on this machine.
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(
-            address=cfg.ray_address,
+            address=address,
             log_to_driver=True,
             include_dashboard=False,
             logging_level=logging.WARNING,
