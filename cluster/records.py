@@ -6,7 +6,7 @@ cheaply through Ray and stay readable in tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 
@@ -93,11 +93,3 @@ class SyncAck:
     version: int
     checksum: str
     seconds: float
-
-
-@dataclass
-class StepMetrics:
-    """Everything logged for one step; `values` is flat name -> number."""
-
-    step: int
-    values: dict[str, float] = field(default_factory=dict)

@@ -158,12 +158,6 @@ class LearnerGroup:
         ref = ray.put(tensors)
         ray.get([r.load_adapter.remote(ref) for r in self.ranks])
 
-    def save_adapter(self, directory: str) -> None:
-        import ray
-
-        self.ready()
-        ray.get(self.ranks[0].save_adapter.remote(directory))
-
     def stop(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group

@@ -254,9 +254,6 @@ class Learner:
 
     # ---- state -------------------------------------------------------------------------------
 
-    def save_adapter(self, directory: str) -> None:
-        self.policy.save_pretrained(directory)
-
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue exactly: adapter, optimiser, scheduler, RNG (for LoRA dropout)."""
         tensors, config = self._adapter_tensors()
