@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,12 @@ def test_wandb_offline_writes_locally_with_the_config(tmp_path: Path) -> None:
     sink.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "offline mode writes a local run and sends nothing"
-    # offline runs keep config and history in the run's record file until `wandb sync`
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    # Offline runs keep config and history in the run's record file until `wandb sync`. wandb's
+    # service process may still be flushing it when finish() returns, so wait (bounded) for it.
+    record_file = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 15
+    while b"reward/mean" not in record_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    records = record_file.read_bytes()
     assert b'"micro_batch_size":64' in records and b"reward/mean" in records
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["reward/mean"] == 0.75
