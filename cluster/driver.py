@@ -111,17 +111,19 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     tokenizer = _load_tokenizer(model)
     _, held_out = _load_data(cfg, tokenizer, echo)
     if not held_out:
-        raise ConfigError("data.eval_files is empty: name the held-out files to evaluate on")
+        raise ConfigError(
+            "no held-out prompts: set data.eval_files (or data.eval_split with data.hub_dataset) to evaluate on"
+        )
     out_dir = adapter_dir.parent / "eval"
     with ExitStack() as stack:
-        scorer = stack.enter_context(RewardScorer(cfg.rewards))
         learner, fleet = _start(cfg, model, tokenizer, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
         _sync(cfg, learner, fleet, include_base=True)
-        del scorer
-        return evaluate(fleet, held_out, cfg.data.correctness, out_dir, f"adapter_{adapter_dir.parent.name}")[
-            "eval/accuracy"
-        ]
+        tag = f"adapter_{adapter_dir.parent.name}"
+        values = evaluate(
+            fleet, held_out, cfg.data.correctness, out_dir, tag, samples=cfg.data.eval_samples, seed=cfg.seed
+        )
+    return values["eval/accuracy"]
 
 
 def _train_step(
