@@ -581,7 +581,10 @@ def _train_advice(inputs: MemoryInputs, train: int) -> list[str]:
     checkpointed = replace(inputs, gradient_checkpointing=True)
     if not inputs.gradient_checkpointing:
         saved = train - _phases_of(checkpointed)["train"]
-        items.append(f"turn on learner.gradient_checkpointing (saves {_gib(saved)} GiB of activations)")
+        items.append(
+            f"turn on learner.gradient_checkpointing, with learner.share_prompt_forward off "
+            f"(saves {_gib(saved)} GiB of activations)"
+        )
     micro = _largest_fitting_micro(inputs)
     if inputs.micro_batch_size > 1:
         target = micro or 1

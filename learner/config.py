@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rollout.config import Strict
 
@@ -87,6 +87,11 @@ class LearnerConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    share_prompt_forward: bool = Field(
+        True,
+        description="Run each distinct prompt of a micro-batch once and continue its completions from "
+        "that KV cache (exact; saves group_size - 1 prompt forwards per group).",
+    )
     num_gpus: int = Field(
         0, ge=0, description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed."
     )
@@ -96,3 +101,14 @@ class LearnerConfig(Strict):
     )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner.")
     threads: int = Field(2, ge=1, description="CPU only: torch threads the learner uses.")
+
+    @model_validator(mode="after")
+    def _sharing_needs_a_cache(self) -> LearnerConfig:
+        if self.gradient_checkpointing and self.share_prompt_forward:
+            # transformers drops the KV cache of a checkpointed forward, and the completions need it.
+            raise ValueError(
+                "learner.gradient_checkpointing and learner.share_prompt_forward cannot both be on: "
+                "set learner.share_prompt_forward: false to save memory with checkpointing, or turn "
+                "checkpointing off to share the prompt forward"
+            )
+        return self

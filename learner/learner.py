@@ -17,7 +17,13 @@ import torch
 from cluster.records import Batch, Group, Shard, WeightUpdate
 from learner.config import LearnerConfig, LossConfig
 from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
-from learner.logprobs import completion_logprobs, pack
+from learner.logprobs import (
+    PackedSequences,
+    PromptSharedSequences,
+    completion_logprobs,
+    pack,
+    pack_sharing_prompts,
+)
 from learner.merge import merged_weights, modules_to_send, parameter_names
 from learner.model import load_adapter_weights, load_policy, torch_dtype
 from learner.optim import LocalUpdater, Updater
@@ -166,14 +172,27 @@ class Learner:
             float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
         )
         metrics["train/seconds"] = time.perf_counter() - start
-        metrics.update(fixed["mismatch"])
+        metrics.update(_mismatch(rows, fixed["old"]))
         return metrics
 
     def _micro_batches(self, rows: list[dict[str, Any]], count: int | None = None) -> list[list[int]]:
         """Index lists of at most micro_batch_size rows; exactly `count` of them when given (a rank
         with fewer rows than that gets empty ones, which still take part in the collectives)."""
-        # Similar lengths together: less padding per forward. Order does not change the gradient.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]) + len(rows[i]["completion"]))
+
+        def length(i: int) -> int:
+            return len(rows[i]["prompt"]) + len(rows[i]["completion"])
+
+        if self.cfg.share_prompt_forward:
+            # A prompt's rows together, so each micro-batch runs few distinct prompts; prompts ordered
+            # by their longest row, so rows of similar length share a micro-batch's padding.
+            by_prompt: dict[tuple[int, ...], list[int]] = {}
+            for i in range(len(rows)):
+                by_prompt.setdefault(tuple(rows[i]["prompt"]), []).append(i)
+            ordered = sorted(by_prompt.values(), key=lambda same: max(length(i) for i in same))
+            order = [i for same in ordered for i in sorted(same, key=length)]
+        else:
+            # Similar lengths together: less padding per forward. Order does not change the gradient.
+            order = sorted(range(len(rows)), key=length)
         size = self.cfg.micro_batch_size
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
         if count is not None:
@@ -186,22 +205,25 @@ class Learner:
     def _fixed_logprobs(self, rows: list[dict[str, Any]], micro_batches: list[list[int]]) -> dict[str, Any]:
         """Logprobs that stay fixed during the update: the pre-update policy's and the reference's.
 
-        With one pass the pre-update logprobs equal the first forward's, so they are taken from it
-        (detached) instead of a second forward. The reference is this model with the adapter off.
+        The pre-update logprobs are the first pass's forward, detached (`_accumulate` records them),
+        so they cost no forward of their own, unless LoRA dropout makes that forward differ from the
+        policy the sampler ran. The reference is this model with the adapter off.
         """
         old: dict[int, torch.Tensor] = {}
         ref: dict[int, torch.Tensor] = {}
-        need_old = self.cfg.passes > 1 or self.cfg.loss.tis_cap is not None
+        need_old = self.cfg.lora.dropout > 0 and (self.cfg.passes > 1 or self.cfg.loss.tis_cap is not None)
         for indices in (i for i in micro_batches if i):
             packed = self._pack(rows, indices)
             if need_old:
+                self.policy.eval()
                 logprobs, _ = completion_logprobs(self.model, packed, self.temperature)
+                self.policy.train()
                 old.update({i: logprobs[k] for k, i in enumerate(indices)})
             if self.cfg.loss.beta > 0:
                 with self.policy.disable_adapter():
                     ref_logprobs, _ = completion_logprobs(self.policy, packed, self.temperature)
                 ref.update({i: ref_logprobs[k] for k, i in enumerate(indices)})
-        return {"old": old, "ref": ref, "mismatch": _mismatch(rows, old)}
+        return {"old": old, "ref": ref}
 
     def _accumulate(
         self,
@@ -223,7 +245,11 @@ class Learner:
         )
         width = logprobs_B_T.shape[1]
         mask_B_T = packed.completion_mask_B_T & valid_B[indices].to(self.device)[:, None]
-        old_B_T = _stack([fixed["old"][i] for i in indices], width) if fixed["old"] else logprobs_B_T.detach()
+        if indices[0] in fixed["old"]:
+            old_B_T = _stack([fixed["old"][i] for i in indices], width)
+        else:  # the first pass: this forward is the pre-update policy
+            old_B_T = logprobs_B_T.detach()
+            fixed["old"].update({i: old_B_T[k] for k, i in enumerate(indices)})
         ref_B_T = _stack([fixed["ref"][i] for i in indices], width) if fixed["ref"] else None
         sampler_B_T = _stack([torch.tensor(rows[i]["sampler_logprobs"]) for i in indices], width).to(
             self.device
@@ -244,8 +270,11 @@ class Learner:
         metrics["entropy"] = float(entropy_B_T[token_mask].mean()) if token_mask.any() else 0.0
         return metrics
 
-    def _pack(self, rows: list[dict[str, Any]], indices: list[int]) -> Any:
-        return pack(
+    def _pack(
+        self, rows: list[dict[str, Any]], indices: list[int]
+    ) -> PackedSequences | PromptSharedSequences:
+        layout = pack_sharing_prompts if self.cfg.share_prompt_forward else pack
+        return layout(
             [rows[i]["prompt"] for i in indices],
             [rows[i]["completion"] for i in indices],
             self.pad_id,

@@ -1,4 +1,13 @@
-"""Per-token logprobs of completions under the learner's model, batched and right-padded."""
+"""Per-token logprobs of completions under the learner's model.
+
+Two layouts of a micro-batch, one interface (`completion_logits_B_T_V`):
+
+* `PackedSequences`: every row is its prompt + completion, right-padded: the plain way.
+* `PromptSharedSequences`: each distinct prompt runs through the model once, and the completions
+  sampled from it continue from its KV cache. A GRPO group's G completions share one prompt, so this
+  saves G-1 prompt forwards (and their backward) per group. Gradients flow through the shared cache
+  into the prompt's forward, so the result is the same function of the weights as the plain layout.
+"""
 
 from __future__ import annotations
 
@@ -22,54 +31,140 @@ class PackedSequences:
 
     @property
     def completion_mask_B_T(self) -> torch.Tensor:
-        steps = torch.arange(self.completion_ids_B_T.shape[1], device=self.completion_lens_B.device)
-        return steps[None, :] < self.completion_lens_B[:, None]
+        return _length_mask(self.completion_lens_B, self.completion_ids_B_T.shape[1])
+
+    def completion_logits_B_T_V(self, model: Any) -> torch.Tensor:
+        """Logits that score completion token t of row b: those at position prompt_len_b - 1 + t."""
+        logits_B_L_V = model(input_ids=self.input_ids_B_L, attention_mask=self.attention_mask_B_L).logits
+        steps_T = torch.arange(self.completion_ids_B_T.shape[1], device=logits_B_L_V.device)
+        positions_B_T = (self.prompt_lens_B[:, None] - 1 + steps_T[None, :]).clamp(
+            max=logits_B_L_V.shape[1] - 1
+        )
+        vocab = logits_B_L_V.shape[-1]
+        return logits_B_L_V.gather(1, positions_B_T[..., None].expand(-1, -1, vocab))
+
+
+@dataclass
+class PromptSharedSequences:
+    """Distinct prompts (right-padded, U rows) and the completions that continue them (B rows)."""
+
+    prompt_ids_U_P: torch.Tensor
+    prompt_lens_U: torch.Tensor
+    owner_B: torch.Tensor  # the prompt row each completion continues
+    completion_ids_B_T: torch.Tensor
+    completion_lens_B: torch.Tensor
+
+    @property
+    def completion_mask_B_T(self) -> torch.Tensor:
+        return _length_mask(self.completion_lens_B, self.completion_ids_B_T.shape[1])
+
+    def completion_logits_B_T_V(self, model: Any) -> torch.Tensor:
+        """Prompt forward (keeping its cache), then the completions attend to that cache.
+
+        Prompts are right-padded, so the cache has masked slots between a short prompt and its
+        completion; completion positions are given explicitly (prompt_len + t), so rotary embeddings
+        see the same positions as an unpadded sequence. Right padding also means no query row is fully
+        masked, which would put NaNs into the cache.
+        """
+        width_P = self.prompt_ids_U_P.shape[1]
+        width_T = self.completion_ids_B_T.shape[1]
+        prompt_mask_U_P = _length_mask(self.prompt_lens_U, width_P).long()
+        last_U = self.prompt_lens_U - 1
+        # Only the last prompt position's logits are needed: with a 150k vocabulary the full prompt
+        # logits would be the largest tensor of the step.
+        keep = torch.unique(last_U)
+        prompt_out = model(
+            input_ids=self.prompt_ids_U_P,
+            attention_mask=prompt_mask_U_P,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        slot_U = torch.searchsorted(keep, last_U)
+        first_U_V = prompt_out.logits[torch.arange(len(last_U), device=keep.device), slot_U]
+
+        first_B_1_V = first_U_V[self.owner_B][:, None, :]
+        if width_T == 1:
+            return first_B_1_V
+        cache = prompt_out.past_key_values
+        cache.batch_select_indices(self.owner_B)  # differentiable: gradients sum back per prompt
+        # The last completion token scores nothing, so it is not fed.
+        inputs_B_T1 = self.completion_ids_B_T[:, :-1]
+        steps_T1 = torch.arange(width_T - 1, device=self.owner_B.device)
+        out = model(
+            input_ids=inputs_B_T1,
+            attention_mask=torch.cat(
+                [prompt_mask_U_P[self.owner_B], self.completion_mask_B_T[:, :-1].long()], dim=1
+            ),
+            position_ids=self.prompt_lens_U[self.owner_B][:, None] + steps_T1[None, :],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # Token 0 is scored by the prompt's last position; token t > 0 by completion position t - 1.
+        return torch.cat([first_B_1_V, out.logits], dim=1)
 
 
 def pack(
     prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: str | torch.device
 ) -> PackedSequences:
     total = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-    longest_completion = max(1, max(len(c) for c in completions))
     input_ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), total), dtype=torch.long)
-    completion_ids = torch.full((len(prompts), longest_completion), pad_id, dtype=torch.long)
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         sequence = prompt + completion
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention[row, : len(sequence)] = 1
-        completion_ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
     return PackedSequences(
         input_ids_B_L=input_ids.to(device),
         attention_mask_B_L=attention.to(device),
         prompt_lens_B=torch.tensor([len(p) for p in prompts], device=device),
         completion_lens_B=torch.tensor([len(c) for c in completions], device=device),
-        completion_ids_B_T=completion_ids.to(device),
+        completion_ids_B_T=_right_padded(completions, pad_id).to(device),
+    )
+
+
+def pack_sharing_prompts(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: str | torch.device
+) -> PromptSharedSequences:
+    """Rows with identical prompt tokens share one prompt row (whatever their order)."""
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    if any(not p for p in distinct):
+        raise ValueError("every sequence needs at least one prompt token to score its first completion token")
+    unique = [list(p) for p in distinct]
+    return PromptSharedSequences(
+        prompt_ids_U_P=_right_padded(unique, pad_id).to(device),
+        prompt_lens_U=torch.tensor([len(p) for p in unique], device=device),
+        owner_B=torch.tensor(owner, device=device),
+        completion_ids_B_T=_right_padded(completions, pad_id).to(device),
+        completion_lens_B=torch.tensor([len(c) for c in completions], device=device),
     )
 
 
 def completion_logprobs(
-    model: Any, packed: PackedSequences, temperature: float, with_entropy: bool = False
+    model: Any,
+    packed: PackedSequences | PromptSharedSequences,
+    temperature: float,
+    with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logprobs_B_T of each completion token given everything before it, at the sampling temperature.
-
-    The logits at position i predict token i+1, so completion token t of row b is scored by the
-    logits at prompt_len_b - 1 + t.
-    """
-    logits_B_L_V = model(input_ids=packed.input_ids_B_L, attention_mask=packed.attention_mask_B_L).logits
-    steps_T = torch.arange(packed.completion_ids_B_T.shape[1], device=logits_B_L_V.device)
-    positions_B_T = (packed.prompt_lens_B[:, None] - 1 + steps_T[None, :]).clamp(
-        max=logits_B_L_V.shape[1] - 1
-    )
-    vocab = logits_B_L_V.shape[-1]
-    logits_B_T_V = (
-        logits_B_L_V.gather(1, positions_B_T[..., None].expand(-1, -1, vocab)).float() / temperature
-    )
+    """logprobs_B_T of each completion token given everything before it, at the sampling temperature."""
+    logits_B_T_V = packed.completion_logits_B_T_V(model).float() / temperature
     logprobs_B_T = (
         torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, packed.completion_ids_B_T[..., None]).squeeze(-1)
     )
     entropy_B_T = _entropy_by_row(logits_B_T_V.detach()) if with_entropy else None
     return logprobs_B_T, entropy_B_T
+
+
+def _right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), pad_id, dtype=torch.long)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _length_mask(lengths_B: torch.Tensor, width: int) -> torch.Tensor:
+    steps = torch.arange(width, device=lengths_B.device)
+    return steps[None, :] < lengths_B[:, None]
 
 
 @torch.no_grad()

@@ -195,7 +195,7 @@ def test_7b_big_micro_batch_without_checkpointing_does_not_fit() -> None:
     plan = plan_memory(inputs(Q7, micro_batch_size=16, gradient_checkpointing=False))
     assert not plan.fits and plan.peak > 24 * GiB
     text = "\n".join(plan.advice)
-    assert "turn on learner.gradient_checkpointing (saves" in text
+    assert "turn on learner.gradient_checkpointing, with learner.share_prompt_forward off (saves" in text
     assert "lower learner.micro_batch_size from 16 to 2 (saves" in text
     # the suggestion is the largest divisor of 16 whose training phase fits
     assert (
@@ -272,6 +272,7 @@ def test_inputs_from_config() -> None:
             "rollout.num_workers=1",
             "learner.compute_dtype=bfloat16",
             "learner.gradient_checkpointing=true",
+            "learner.share_prompt_forward=false",
             "learner.micro_batch_size=4",
             "learner.lora.target_modules=attention",
         ],
