@@ -33,6 +33,52 @@ def model_eos_ids(model: str) -> list[int]:
     return sorted(set(ids))
 
 
+def engine_args(
+    model: str, cfg: RolloutConfig, seed: int, cuda: bool, sleep_mode: bool = False
+) -> dict[str, Any]:
+    """The `vllm.LLM` arguments a rollout engine is built with (the benchmarks build bare vLLM from them)."""
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=cfg.dtype,
+        seed=seed,
+        max_model_len=cfg.max_model_len,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        # Processed logprobs include temperature; the learner scales its logits the same way.
+        logprobs_mode="processed_logprobs",
+    )
+    if cuda:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        # Colocated with the learner: release weights and KV cache while it trains (CUDA only).
+        kwargs["enable_sleep_mode"] = sleep_mode
+    else:
+        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb * 2**20
+        # A partially prefilled request has its sampled token discarded and its seeded generator
+        # rewound (`set_offset`), which CPU generators do not support: vLLM 0.32 then fails with
+        # "CPU Generator does not use offset". Whole-prompt prefills never rewind.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
+def sampling_params(cfg: RolloutConfig, eos_ids: list[int], n: int, seed: int | None, greedy: bool) -> Any:
+    """One prompt's `vllm.SamplingParams`: n samples, each sampled token's logprob, every EOS id."""
+    from vllm import SamplingParams
+
+    sampling = cfg.sampling
+    return SamplingParams(
+        n=n,
+        temperature=0.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=-1 if greedy else sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        stop_token_ids=eos_ids,
+        logprobs=None if greedy else 0,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+
+
 class RolloutEngine:
     """One vLLM `LLM` in this process, sampling with the processed (temperature-scaled) logprobs."""
 
@@ -51,28 +97,8 @@ class RolloutEngine:
 
         self.cfg = cfg
         self.eos_ids = model_eos_ids(model)
-        kwargs: dict[str, Any] = dict(
-            model=model,
-            dtype=cfg.dtype,
-            seed=seed,
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            worker_extension_cls=_EXTENSION,
-            # Processed logprobs include temperature; the learner scales its logits the same way.
-            logprobs_mode="processed_logprobs",
-        )
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-            # Colocated with the learner: release weights and KV cache while it trains (CUDA only).
-            kwargs["enable_sleep_mode"] = sleep_mode
-        else:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb * 2**20
-            # A partially prefilled request has its sampled token discarded and its seeded generator
-            # rewound (`set_offset`), which CPU generators do not support: vLLM 0.32 then fails with
-            # "CPU Generator does not use offset". Whole-prompt prefills never rewind.
-            kwargs["enable_chunked_prefill"] = False
+        kwargs = engine_args(model, cfg, seed, cuda=torch.cuda.is_available(), sleep_mode=sleep_mode)
+        kwargs["worker_extension_cls"] = _EXTENSION
         if lora_rank is not None:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
         self.llm = LLM(**kwargs)
@@ -83,25 +109,12 @@ class RolloutEngine:
         self, prompts: list[list[int]], n: int, seeds: list[int] | None = None, greedy: bool = False
     ) -> list[list[Completion]]:
         """`n` completions per prompt (token-id prompts), with each sampled token's logprob."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sampling = self.cfg.sampling
-        params = []
-        for i in range(len(prompts)):
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=0.0 if greedy else sampling.temperature,
-                    top_p=1.0 if greedy else sampling.top_p,
-                    top_k=-1 if greedy else sampling.top_k,
-                    max_tokens=sampling.max_new_tokens,
-                    stop_token_ids=self.eos_ids,
-                    logprobs=None if greedy else 0,
-                    seed=None if seeds is None else seeds[i],
-                    skip_special_tokens=True,
-                )
-            )
+        params = [
+            sampling_params(self.cfg, self.eos_ids, n, None if seeds is None else seeds[i], greedy)
+            for i in range(len(prompts))
+        ]
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
         return [[_completion(sample) for sample in output.outputs] for output in outputs]

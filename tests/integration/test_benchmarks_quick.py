@@ -1,0 +1,77 @@
+"""`benchmarks/run.py --quick` end to end: every section measured, every number in it finite.
+
+The quick mode runs each benchmark path except TRL's (an optional dependency) and the 0.5B model:
+a grpo-ray training run, the RolloutWorker vs bare-vLLM actors, an adapter-sync run (the merged
+cell reuses the e2e run), and the learner vs plain PEFT. It builds the benchmark model on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTIONS = {"e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "breakdown"}
+
+
+def _numbers(obj: Any) -> list[float]:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return []
+    if isinstance(obj, int | float):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
+    # The benchmark's children start their own Ray; never let them see the session's test cluster.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["errors"] == {}
+    sections = results["sections"]
+    assert set(sections) == SECTIONS
+    for name, section in sections.items():
+        numbers = _numbers(section)
+        assert numbers, name
+        assert all(math.isfinite(x) for x in numbers), name
+
+    nf4 = sections["e2e"]["variants"]["nf4"]
+    assert nf4["grpo-ray"]["tokens_per_s"]["median"] > 0
+    assert "skipped" in nf4["trl"]  # TRL is off in quick mode
+    assert nf4["runs"]["grpo-ray"][0]["completion_tokens_per_step"] > 0
+    assert sections["rollout_overhead"]["ratio"]["median"] > 0
+    cells = sections["sync_cost"]["bench_model"]
+    assert {"merged/2w", "adapter/2w"} <= set(cells)
+    assert all(cell["bytes"]["median"] > 0 and cell["sync_s"]["median"] > 0 for cell in cells.values())
+    # an adapter sync moves the LoRA weights only: far fewer bytes than the merged dense layers
+    assert cells["adapter/2w"]["bytes"]["median"] < cells["merged/2w"]["bytes"]["median"]
+    assert "skipped" in sections["sync_cost"]["big_model"]
+    assert sections["learner_efficiency"]["variants"]["nf4"]["ratio"]["median"] > 0
+    split = sections["breakdown"]["nf4"]
+    assert {"generate", "reward", "train", "sync", "idle"} <= set(split)
+
+    markdown = (tmp_path / "results.md").read_text()
+    for heading in ("## Goals", "## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+        assert heading in markdown
