@@ -13,6 +13,9 @@ scripts/build_bench_model.py (built here on first use). Sections:
 3. sync_cost           merged / adapter sync, 1 and 2 workers, 22.9M and 0.5B  (goal <= 2% of a step)
 4. learner_efficiency  Learner.train_step vs plain PEFT forward + backward      (goal >= 0.9x)
 5. breakdown           grpo-ray's step split: generate / reward / train / sync / idle (from the e2e runs)
+6. limits              each phase's useful FLOPs vs this machine's measured float32 GEMM rate
+
+`--only SECTION ...` re-measures those sections and keeps the others of an existing OUT/results.json.
 
 Figures are medians over repeats with min and max; compared sides alternate. Each measurement runs in
 its own process; their logs go to OUT/logs/. A failed section is recorded under "errors" and the run
@@ -34,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import e2e, learner_efficiency, rollout_overhead, sync_cost, trl_baseline  # noqa: E402
+from benchmarks import (  # noqa: E402
+    e2e,
+    learner_efficiency,
+    limits,
+    rollout_overhead,
+    sync_cost,
+    trl_baseline,
+)
 from benchmarks.common import (  # noqa: E402
     BENCH_MODEL,
     BIG_MODEL,
@@ -49,7 +59,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
 )
 
-SECTIONS = ("e2e", "rollout_overhead", "sync_cost", "learner_efficiency")
+SECTIONS = ("e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "limits")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         "sections": {},
         "errors": {},
     }
+    previous = settings.out_dir / "results.json"
+    if set(args.only) != set(SECTIONS) and previous.exists():
+        # A partial re-run: the sections not asked for stay as they were measured.
+        kept = json.loads(previous.read_text())
+        results["sections"] = {k: v for k, v in kept["sections"].items() if k not in args.only}
+        results["errors"] = {k: v for k, v in kept["errors"].items() if k not in args.only}
+        results["settings"], results["machine_start"] = kept["settings"], kept["machine_start"]
     for name in args.only:
         print(f"== {name}", flush=True)
         begin = time.perf_counter()
@@ -135,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 section = rollout_overhead.run(settings)
             elif name == "sync_cost":
                 section = sync_cost.run(settings, results["sections"].get("e2e"))
+            elif name == "limits":
+                section = limits.run(settings, results["sections"].get("e2e"))
             else:
                 section = learner_efficiency.run(settings)
         except ChildFailed as err:
@@ -204,6 +223,7 @@ def render(results: dict[str, Any]) -> list[str]:
         ("sync_cost", sync_cost.markdown),
         ("learner_efficiency", learner_efficiency.markdown),
         ("e2e", e2e.breakdown_markdown),
+        ("limits", limits.markdown),
     ]
     for name, renderer in renderers:
         if name in sections:

@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "breakdown"}
+SECTIONS = {"e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "breakdown", "limits"}
 
 
 def _numbers(obj: Any) -> list[float]:
@@ -69,9 +69,14 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert cells["adapter/2w"]["bytes"]["median"] < cells["merged/2w"]["bytes"]["median"]
     assert "skipped" in sections["sync_cost"]["big_model"]
     assert sections["learner_efficiency"]["variants"]["nf4"]["ratio"]["median"] > 0
+    limits = sections["limits"]
+    assert limits["gemm_flops_per_s"] > 0
+    phases = limits["variants"]["nf4"]["phases"]
+    # a phase cannot beat the machine's GEMM rate by much (attention and LoRA run below it)
+    assert all(0 < p["of_gemm_rate"] < 1.5 for p in phases.values())
     split = sections["breakdown"]["nf4"]
     assert {"generate", "reward", "train", "sync", "idle"} <= set(split)
 
     markdown = (tmp_path / "results.md").read_text()
-    for heading in ("## Goals", "## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+    for heading in ("## Goals", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in markdown

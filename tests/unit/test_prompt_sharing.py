@@ -6,12 +6,15 @@ completions of different lengths, rows of one prompt interleaved with another's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster.records import Batch, Completion, Group
 from learner.config import LearnerConfig
+from learner.learner import Learner
 from learner.logprobs import completion_logprobs, pack, pack_sharing_prompts
 from learner.model import load_policy
 
@@ -65,3 +68,40 @@ def test_single_token_completions_need_only_the_prompt_forward(tiny_model: Path)
 def test_an_empty_prompt_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one prompt token"):
         pack_sharing_prompts([[], [1]], [[2], [3]], 0, "cpu")
+
+
+def _batch() -> Batch:
+    groups = [
+        Group(
+            0, [5, 17, 9, 33, 2], [Completion([11, 12, 13], [-1.0] * 3, "stop", "") for _ in range(3)], 0, 0
+        ),
+        Group(1, [7, 8], [Completion([21, 22], [-1.0] * 2, "stop", "") for _ in range(3)], 0, 0),
+    ]
+    return Batch(groups, [[0.0, 1.0, 0.5], [1.0, 0.0, 0.0]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "forwards"),
+    [
+        # truncated IS on (tis_cap 2.0 by default): the pre-update logprobs come from the update's own
+        # forward, so one micro-batch costs one prompt forward + one completion forward, nothing more
+        ({}, 2),
+        ({"share_prompt_forward": False}, 1),
+        ({"passes": 2}, 4),
+        # dropout makes the training forward differ from the sampler's policy: one no-grad forward more
+        ({"lora": {"dropout": 0.1}}, 2 + 2),
+    ],
+)
+def test_a_train_step_runs_no_forward_it_does_not_need(
+    tiny_model: Path, overrides: dict[str, object], forwards: int
+) -> None:
+    cfg = LearnerConfig(quantization="none", compute_dtype="float32", micro_batch_size=8, **overrides)  # type: ignore[arg-type]
+    learner = Learner(str(tiny_model), cfg, seed=0, temperature=1.0, rollout_dtype="float32", pad_id=0)
+    calls: list[int] = []
+    learner.policy.get_base_model().register_forward_pre_hook(lambda *_: calls.append(1))
+
+    metrics = learner.train_step(_batch())
+
+    assert len(calls) == forwards
+    assert math.isfinite(metrics["train/loss"])
+    assert "sync/logprob_gap_max" in metrics  # measured from the update's forward too
