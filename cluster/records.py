@@ -1,7 +1,7 @@
 """The records that cross actor boundaries; nothing else does.
 
-Plain dataclasses of Python lists and numbers (tensors only inside WeightUpdate), so they pickle
-cheaply through Ray and stay readable in tests.
+Plain dataclasses of Python lists and numbers (tensors only inside WeightUpdate, which travels as
+raw numpy buffers), so they pickle cheaply through Ray and stay readable in tests.
 """
 
 from __future__ import annotations
@@ -83,6 +83,40 @@ class WeightUpdate:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors)
+
+    # Ray pickles with protocol 5, where numpy buffers travel out of band: written into the object
+    # store once, with no copy into the pickle stream. A torch tensor is copied into the stream
+    # instead: putting the 0.5B model's 1.4 GB merged update took 4.0 s that way.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["tensors"] = [(name, _to_wire(tensor)) for name, tensor in self.tensors]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["tensors"] = [(name, _from_wire(*wire)) for name, wire in state["tensors"]]
+        self.__dict__.update(state)
+
+
+def _to_wire(tensor: Any) -> tuple[str, tuple[int, ...], Any]:
+    """(dtype name, shape, the bytes as a uint8 numpy array): numpy has no bfloat16, bytes it has."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return str(flat.dtype).removeprefix("torch."), tuple(tensor.shape), flat.view(_uint8()).numpy()
+
+
+def _from_wire(dtype: str, shape: tuple[int, ...], data: Any) -> Any:
+    import torch
+
+    # A private, writable copy: the received buffer is the object store's, shared with every other
+    # reader of this update, and weight loaders must never be able to write into it.
+    if data.size == 0:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.from_numpy(data.copy()).view(getattr(torch, dtype)).reshape(shape)
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 @dataclass(frozen=True)
