@@ -99,8 +99,10 @@ class WeightUpdate:
 
 def _to_wire(tensor: Any) -> tuple[str, tuple[int, ...], Any]:
     """(dtype name, shape, the bytes as a uint8 numpy array): numpy has no bfloat16, bytes it has."""
+    import torch
+
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return str(flat.dtype).removeprefix("torch."), tuple(tensor.shape), flat.view(_uint8()).numpy()
+    return str(flat.dtype).removeprefix("torch."), tuple(tensor.shape), flat.view(torch.uint8).numpy()
 
 
 def _from_wire(dtype: str, shape: tuple[int, ...], data: Any) -> Any:
@@ -111,12 +113,6 @@ def _from_wire(dtype: str, shape: tuple[int, ...], data: Any) -> Any:
     if data.size == 0:
         return torch.empty(shape, dtype=getattr(torch, dtype))
     return torch.from_numpy(data.copy()).view(getattr(torch, dtype)).reshape(shape)
-
-
-def _uint8() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 @dataclass(frozen=True)

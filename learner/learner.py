@@ -212,6 +212,8 @@ class Learner:
         old: dict[int, torch.Tensor] = {}
         ref: dict[int, torch.Tensor] = {}
         need_old = self.cfg.lora.dropout > 0 and (self.cfg.passes > 1 or self.cfg.loss.tis_cap is not None)
+        if not need_old and self.cfg.loss.beta == 0:
+            return {"old": old, "ref": ref}  # the common case: no forward here, so nothing to pack
         for indices in (i for i in micro_batches if i):
             packed = self._pack(rows, indices)
             if need_old:
