@@ -300,7 +300,7 @@ def train_prompts(model: str | Path, count: int) -> list[Any]:
     """The first `count` training prompts in the order a run with the workload's seed draws them."""
     from transformers import AutoTokenizer
 
-    from cluster.data import load_split
+    from cluster.data.prompts import load_split
 
     cfg = bench_config(model, steps=1, run_root=tempfile.gettempdir())
     prompt_set = load_split(cfg.data, "train", cfg.seed, AutoTokenizer.from_pretrained(str(model)))

@@ -125,9 +125,9 @@ def grpo_ray_child(spec: dict[str, Any]) -> dict[str, Any]:
         )
         return values, version, acks
 
-    def measured_sync(cfg_: Any, learner: Any, fleet: Any, include_base: bool) -> Any:
+    def measured_sync(cfg_: Any, learner: Any, pool: Any, include_base: bool) -> Any:
         begin = time.perf_counter()
-        result = original_sync(cfg_, learner, fleet, include_base)
+        result = original_sync(cfg_, learner, pool, include_base)
         if include_base and not payload:  # the run's first sync, before step 1: not in any timed step
             payload["first_sync_s"] = time.perf_counter() - begin
             payload["first_sync_bytes"] = update_bytes(cfg_, learner, include_base=True)

@@ -103,7 +103,7 @@ class PlainPeft:
 def make_batch(model: str, seed: int = 0) -> Any:
     import torch
 
-    from cluster.records import Batch, Completion, Group
+    from grpo_ray.records import Batch, Completion, Group
     from rollout.engine import model_eos_ids
 
     w = WORKLOAD

@@ -88,8 +88,8 @@ def overhead_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from cluster.driver import _prompt_seeds
     from cluster.placement import start_workers, worker_env
-    from cluster.records import WeightUpdate
-    from rollout.checksum import weights_checksum
+    from grpo_ray.checksum import weights_checksum
+    from grpo_ray.records import WeightUpdate
 
     model, rounds, w = spec["model"], spec["rounds"], WORKLOAD
     cfg = bench_config(model, steps=rounds + 1, run_root=spec["tmp_dir"], workers=1, cores=spec["cores"])

@@ -9,7 +9,7 @@ runs (5 timed steps).
 0.5B Qwen2.5-shaped model (full mode, when memory allows): one training step takes tens of minutes
 on this CPU, so the parts are measured on the real components instead of a whole run: the learner
 (cluster.placement.start_learner_group) and two RolloutWorkers per mode; the driver's own `_sync` repeated with one and with both
-workers; one `fleet.generate` of the workload per (mode, workers); and the learner's `train_step`
+workers; one `pool.generate` of the workload per (mode, workers); and the learner's `train_step`
 on 2 of the step's 16 micro-batches of 8, scaled to 16 (forward/backward cost is the same for every
 micro-batch of equal-length rows; the rest of train_step is small next to it). The share is
 sync / (generate + train + sync) for that cell.
@@ -125,9 +125,9 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     import cluster.driver as driver
-    from cluster.fleet import Fleet
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
-    from cluster.records import Batch
+    from cluster.rollout_pool import RolloutPool
+    from grpo_ray.records import Batch
 
     model, cores, syncs, w = spec["model"], spec["cores"], spec["syncs"], WORKLOAD
 
@@ -155,15 +155,15 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
             cfg = config(mode)
             workers, group = start_workers(cfg, model)  # adapter mode: engines with vLLM LoRA enabled
             packed = ray.get([worker.packed_modules.remote() for worker in workers])[0]  # all started
-            fleet = Fleet(workers, bundle_nodes(group))
+            pool = RolloutPool(workers, bundle_nodes(group))
             learner.weight_names(packed)
             memory = {"started": _private_gib(workers)}
             begin = time.perf_counter()
-            driver._sync(cfg, learner, fleet, include_base=True)
+            driver._sync(cfg, learner, pool, include_base=True)
             first_sync_s = time.perf_counter() - begin
             memory["after_first_sync"] = _private_gib(workers)
             for n in (2, 1):
-                part = Fleet(workers[:n], fleet.nodes[:n])
+                part = RolloutPool(workers[:n], pool.nodes[:n])
                 begin = time.perf_counter()
                 generated = part.generate(prompts, w.group_size, seeds=driver._prompt_seeds(cfg, 1))
                 generate_s = time.perf_counter() - begin

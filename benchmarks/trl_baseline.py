@@ -2,7 +2,7 @@
 
 Configured to do the same work as grpo-ray's step:
 - same model directory and tokenizer; the same prompts (the demo's train split through
-  cluster.data.load_split, chat template applied by TRL — checked token for token against grpo-ray's);
+  cluster.data.prompts.load_split, chat template applied by TRL — checked token for token against grpo-ray's);
 - LoRA r=16, alpha 32, dropout 0 on all seven linear projections; NF4 base via BitsAndBytesConfig
   (double quant, float32 compute) or plain LoRA;
 - one optimiser step = 16 prompts x 8 generations: per_device_train_batch_size = the learner's

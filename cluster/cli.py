@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
         return 130
     except Exception as err:  # errors raised on purpose carry their fix; anything else keeps its traceback
-        from cluster.fleet import SyncError
+        from cluster.rollout_pool import SyncError
         from rewards.base import RewardError
 
         if isinstance(err, (SyncError, RewardError)):
@@ -99,18 +99,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = export_merged(cfg, _adapter_dir(target), Path(args.merged), args.dtype or cfg.rollout.dtype)
         print(f"merged model written to {out}")
     elif args.command == "report":
-        from cluster.report import write_report
+        from cluster.telemetry.report import write_report
 
         print(f"report written to {write_report(Path(args.run_dir))}")
     return 0
 
 
 def _check(cfg: RunConfig, device_gib: float) -> None:
-    from cluster.plan import derive_plan
+    from cluster.planning.batch_plan import derive_plan
 
     print(derive_plan(cfg).render(cfg))
     try:
-        from cluster.memory import ModelShape, inputs_from_config, plan_memory
+        from cluster.planning.memory import ModelShape, inputs_from_config, plan_memory
     except ImportError:
         print("config ok")
         return

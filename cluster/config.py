@@ -13,9 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from grpo_ray.config_base import Strict
 from learner.config import LearnerConfig
 from rewards.config import RewardsConfig
-from rollout.config import RolloutConfig, Strict
+from rollout.config import RolloutConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,14 +20,14 @@ from cluster.checkpoint import (
     write_adapter,
 )
 from cluster.config import ConfigError, RunConfig, resolve_project_path
-from cluster.data import Prompt, PromptSet, PromptStream, load_split
-from cluster.evaluate import evaluate
-from cluster.fleet import Fleet, SyncError
-from cluster.metrics import MetricsSink
-from cluster.plan import derive_plan
-from cluster.records import Batch, SyncAck
-from cluster.report import write_report
-from cluster.step_stats import rollout_stats
+from cluster.data.evaluate import evaluate
+from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
+from cluster.planning.batch_plan import derive_plan
+from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.telemetry.metrics import MetricsSink
+from cluster.telemetry.report import write_report
+from cluster.telemetry.step_stats import rollout_stats
+from grpo_ray.records import Batch, SyncAck
 from rewards import RewardScorer
 from rewards.builtin import BUILTINS
 
@@ -49,7 +49,7 @@ class _Session:
 
     cfg: RunConfig
     learner: Any
-    fleet: Fleet
+    pool: RolloutPool
     scorer: RewardScorer
     sink: MetricsSink
     held_out: list[Prompt]
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
-        version, acks = _sync(cfg, session.learner, session.fleet, include_base=True)
+        version, acks = _sync(cfg, session.learner, session.pool, include_base=True)
         if checkpoint is None:
             before = _evaluate(session, run_dir, step=0)
             state.accuracy_before = before.get("eval/accuracy")
@@ -100,7 +100,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
-    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, session.fleet.nodes)
+    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, session.pool.nodes)
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
@@ -116,12 +116,12 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
         )
     out_dir = adapter_dir.parent / "eval"
     with ExitStack() as stack:
-        learner, fleet = _start(cfg, model, tokenizer, stack, echo)
+        learner, pool = _start(cfg, model, tokenizer, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
-        _sync(cfg, learner, fleet, include_base=True)
+        _sync(cfg, learner, pool, include_base=True)
         tag = f"adapter_{adapter_dir.parent.name}"
         values = evaluate(
-            fleet, held_out, cfg.data.correctness, out_dir, tag, samples=cfg.data.eval_samples, seed=cfg.seed
+            pool, held_out, cfg.data.correctness, out_dir, tag, samples=cfg.data.eval_samples, seed=cfg.seed
         )
     return values["eval/accuracy"]
 
@@ -134,7 +134,7 @@ def _train_step(
     timer = _Timer()
     prompts = stream.take(cfg.prompts_per_step)
     with timer("generate"):
-        groups = session.fleet.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
+        groups = session.pool.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
     with timer("reward"):
         rows = {p.index: p.row for p in prompts}
         flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
@@ -146,12 +146,12 @@ def _train_step(
     colocated = cfg.placement == "colocate"
     with timer("train"):
         if colocated:  # the engine gives the GPU to the learner (no-op on CPU)
-            session.fleet.sleep()
+            session.pool.sleep()
         train_metrics = session.learner.train_step(batch)
     with timer("sync"):
         if colocated:  # weights come back from CPU; the new ones arrive from the object store, not disk
-            session.fleet.wake_up()
-        version, acks = _sync(cfg, session.learner, session.fleet, include_base=False)
+            session.pool.wake_up()
+        version, acks = _sync(cfg, session.learner, session.pool, include_base=False)
     stats = rollout_stats(groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
     values = {
         **stats,
@@ -169,7 +169,7 @@ def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> 
         return {}
     cfg = session.cfg
     values = evaluate(
-        session.fleet,
+        session.pool,
         session.held_out,
         cfg.data.correctness,
         run_dir / "eval",
@@ -216,10 +216,10 @@ def _open_session(
     echo: Any,
 ) -> _Session:
     scorer = stack.enter_context(RewardScorer(cfg.rewards))
-    learner, fleet = _start(cfg, model, tokenizer, stack, echo)
+    learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
-    return _Session(cfg, learner, fleet, scorer, sink, held_out, echo)
+    return _Session(cfg, learner, pool, scorer, sink, held_out, echo)
 
 
 def _size_colocated_engine(cfg: RunConfig, model: str, echo: Any) -> None:
@@ -231,7 +231,7 @@ def _size_colocated_engine(cfg: RunConfig, model: str, echo: Any) -> None:
 
     if cfg.placement != "colocate" or not torch.cuda.is_available():
         return
-    from cluster.memory import ModelShape, inputs_from_config, plan_memory
+    from cluster.planning.memory import ModelShape, inputs_from_config, plan_memory
 
     device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     plan = plan_memory(inputs_from_config(cfg, ModelShape.from_pretrained(model), device_gib))
@@ -270,7 +270,9 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
     return train, held_out
 
 
-def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any) -> tuple[Any, Fleet]:
+def _start(
+    cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any
+) -> tuple[Any, RolloutPool]:
     import ray
 
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
@@ -293,7 +295,7 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
     workers, group = start_workers(cfg, model, echo)
     stack.callback(_stop_actors, workers, group)
     t0 = time.perf_counter()
-    fleet = Fleet(workers, bundle_nodes(group))
+    pool = RolloutPool(workers, bundle_nodes(group))
     packed = _get(workers[0].packed_modules.remote())
     names = learner.weight_names(packed)
     problems = _get(workers[0].check_weight_names.remote(names))
@@ -304,10 +306,10 @@ def _start(cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: A
     echo(
         f"actors ready in {time.perf_counter() - t0:.0f} s; {len(names)} learner parameters map onto the engine"
     )
-    return learner, fleet
+    return learner, pool
 
 
-def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> tuple[int, list[SyncAck]]:
+def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
     The first sync of a run also carries the dequantized 4-bit layers, so from step 0 the engines
@@ -321,7 +323,7 @@ def _sync(cfg: RunConfig, learner: Any, fleet: Fleet, include_base: bool) -> tup
     for kind, with_base in kinds:
         update_ref, summary_ref = learner.export_for_sync(kind, with_base)
         version, checksum = _get(summary_ref)
-        acks = fleet.sync(update_ref, version, checksum)
+        acks = pool.sync(update_ref, version, checksum)
     return version, acks
 
 

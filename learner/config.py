@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rollout.config import Strict
+from grpo_ray.config_base import Strict
 
 TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],

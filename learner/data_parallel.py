@@ -17,7 +17,7 @@ import itertools
 import math
 from typing import Any
 
-from cluster.records import Batch, Shard
+from grpo_ray.records import Batch, Shard
 from learner.config import LearnerConfig
 from learner.grpo import combine_metrics
 

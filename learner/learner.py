@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from cluster.records import Batch, Group, Shard, WeightUpdate
+from grpo_ray.checksum import weights_checksum
+from grpo_ray.records import Batch, Group, Shard, WeightUpdate
 from learner.config import LearnerConfig, LossConfig
 from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import (
@@ -27,7 +28,6 @@ from learner.logprobs import (
 from learner.merge import merged_weights, modules_to_send, parameter_names
 from learner.model import load_adapter_weights, load_policy, torch_dtype
 from learner.optim import LocalUpdater, Updater
-from rollout.checksum import weights_checksum
 
 
 class Learner:

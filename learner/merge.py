@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rollout.weight_names import fused_siblings
+from grpo_ray.weight_names import fused_siblings
 
 _PEFT_PREFIX = "base_model.model."
 

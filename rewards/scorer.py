@@ -448,7 +448,7 @@ class RewardScorer:
                 if term.weight == 0 or total is None:  # a weight-0 term is logged only; it cannot mask
                     continue
                 combined[i] = None if value is None else total + term.weight * value
-        # The combined reward's mean/std are the driver's (cluster.step_stats); not repeated here.
+        # The combined reward's mean/std are the driver's (cluster.telemetry.step_stats); not repeated here.
         masked = sum(r is None for r in combined)
         metrics["reward/masked"] = float(masked)
         metrics["reward/masked_fraction"] = masked / n if n else 0.0

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cluster.records import Group, SyncAck, WeightUpdate
-from rollout.checksum import weights_checksum
+from grpo_ray.checksum import weights_checksum
+from grpo_ray.records import Group, SyncAck, WeightUpdate
+from grpo_ray.weight_names import check_names
 from rollout.config import RolloutConfig
-from rollout.weight_names import check_names
 
 
 class RolloutWorker:

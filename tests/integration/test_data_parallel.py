@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from cluster.config import RunConfig, load_config
-from cluster.records import Batch, Completion, Group
+from grpo_ray.records import Batch, Completion, Group
 
 pytestmark = pytest.mark.integration
 

@@ -104,8 +104,8 @@ def test_adapter_serves_through_vllm_lora(
     from transformers import AutoModelForCausalLM
 
     from cluster.placement import worker_env
-    from cluster.records import WeightUpdate
-    from rollout.checksum import weights_checksum
+    from grpo_ray.checksum import weights_checksum
+    from grpo_ray.records import WeightUpdate
     from rollout.worker import RolloutWorker
 
     directory, _ = trained_adapter

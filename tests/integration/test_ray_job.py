@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.metrics import read_metrics
+from cluster.telemetry.metrics import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.config import load_config
-from cluster.data import load_split
+from cluster.data.prompts import load_split
 
 pytestmark = pytest.mark.integration
 

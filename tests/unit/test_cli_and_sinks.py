@@ -10,7 +10,7 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import load_config
-from cluster.metrics import MetricsSink, read_metrics
+from cluster.telemetry.metrics import MetricsSink, read_metrics
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.plan import derive_plan
+from cluster.planning.batch_plan import derive_plan
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -77,7 +77,7 @@ def test_config_imports_without_heavy_frameworks() -> None:
     import sys
 
     code = (
-        "import sys, cluster.config, cluster.plan; "
+        "import sys, cluster.config, cluster.planning.batch_plan; "
         "heavy = [m for m in ('torch', 'vllm', 'ray') if m in sys.modules]; print(heavy); assert not heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=DEMO.parents[1])

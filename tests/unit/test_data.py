@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cluster.config import ConfigError, DataConfig
-from cluster.data import PromptStream, encode_prompt, extract_gold, load_split
+from cluster.data.prompts import PromptStream, encode_prompt, extract_gold, load_split
 
 
 class CharTokenizer:

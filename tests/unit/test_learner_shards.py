@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.records import Batch, Completion, Group
+from grpo_ray.records import Batch, Completion, Group
 from learner.config import LearnerConfig
 from learner.data_parallel import merge_metrics, split_batch
 from learner.learner import batch_targets

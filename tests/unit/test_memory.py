@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from cluster.memory import (
+from cluster.planning.memory import (
     CUDA_CONTEXT_BYTES,
     LINEAR_NAMES,
     QWEN25_SHAPES,

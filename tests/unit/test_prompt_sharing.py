@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.records import Batch, Completion, Group
+from grpo_ray.records import Batch, Completion, Group
 from learner.config import LearnerConfig
 from learner.learner import Learner
 from learner.logprobs import completion_logprobs, pack, pack_sharing_prompts

@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import torch
 
-from cluster.records import WeightUpdate
-from rollout.checksum import weights_checksum
+from grpo_ray.checksum import weights_checksum
+from grpo_ray.records import WeightUpdate
 
 
 def test_weight_update_round_trip_is_exact_and_out_of_band() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from cluster.report import plotted_series, write_report
+from cluster.telemetry.report import plotted_series, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 10

@@ -1,6 +1,6 @@
 """Checkpoint-name -> engine-name mapping used to check and plan merged syncs."""
 
-from rollout.weight_names import check_names, engine_name, fused_siblings
+from grpo_ray.weight_names import check_names, engine_name, fused_siblings
 
 QWEN2 = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 

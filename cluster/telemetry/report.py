@@ -1,6 +1,6 @@
 """A run report: PNG plots of the logged metrics and one self-contained HTML page (plots embedded).
 
-    python -m cluster.report runs/demo        # writes runs/demo/report/index.html (+ the PNGs)
+    python -m cluster.telemetry.report runs/demo        # writes runs/demo/report/index.html (+ the PNGs)
 
 Reads RUN_DIR/metrics.jsonl (lines merged by step; blank or corrupt lines skipped and counted, so a
 file cut short by a killed run still reports), RUN_DIR/config.yaml and the last RUN_DIR/eval/*.jsonl.
@@ -654,7 +654,7 @@ def write_report(run_dir: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m cluster.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m cluster.telemetry.report RUN_DIR", file=sys.stderr)
         return 2
     try:
         print(write_report(Path(args[0])))

@@ -1,19 +1,19 @@
-"""The rollout workers as one thing: spread prompts over them, sync them, check every ack."""
+"""The rollout pool: the rollout workers as one thing; spread prompts over them, sync them, check every ack."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from cluster.data import Prompt
-from cluster.plan import split_evenly
-from cluster.records import Group, SyncAck
+from cluster.data.prompts import Prompt
+from cluster.planning.batch_plan import split_evenly
+from grpo_ray.records import Group, SyncAck
 
 
 class SyncError(RuntimeError):
     """A rollout worker did not confirm the policy version it was sent."""
 
 
-class Fleet:
+class RolloutPool:
     def __init__(self, workers: list[Any], nodes: list[str]) -> None:
         self.workers = workers
         self.nodes = nodes  # the Ray node each worker runs on

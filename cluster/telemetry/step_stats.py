@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from cluster.records import Group
+from grpo_ray.records import Group
 
 
 def rollout_stats(

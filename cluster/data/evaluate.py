@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.data import Prompt
-from cluster.fleet import Fleet
+from cluster.data.prompts import Prompt
+from cluster.rollout_pool import RolloutPool
 from rewards.builtin import BUILTINS
 
 
 def evaluate(
-    fleet: Fleet,
+    pool: RolloutPool,
     prompts: list[Prompt],
     correctness: str,
     out_dir: Path,
@@ -26,11 +26,11 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, float]:
     rows = {p.index: p.row for p in prompts}
-    greedy = _judge(fleet.generate(prompts, group_size=1, seeds=None, greedy=True), rows, correctness)
+    greedy = _judge(pool.generate(prompts, group_size=1, seeds=None, greedy=True), rows, correctness)
     sampled: dict[int, list[tuple[str, bool]]] = {}
     if samples:
         seeds = [(seed * 7_919 + slot) * samples % 2**31 for slot in range(len(prompts))]
-        sampled = _judge(fleet.generate(prompts, group_size=samples, seeds=seeds), rows, correctness)
+        sampled = _judge(pool.generate(prompts, group_size=samples, seeds=seeds), rows, correctness)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"eval_{tag}.jsonl").open("w") as file:

@@ -1,0 +1,1 @@
+"""Data: prompt sets from files or the hub (`prompts`), and held-out evaluation on the rollout pool."""

@@ -1,0 +1,1 @@
+"""Telemetry: metrics sinks (JSONL, wandb), per-step rollout statistics, the HTML run report."""
