@@ -42,7 +42,14 @@ from benchmarks.common import (
 )
 
 GOAL = 0.02  # sync seconds / step seconds
-CELLS = [("merged", 1), ("merged", 2), ("adapter", 1), ("adapter", 2)]
+CELLS = [
+    ("merged", 1),
+    ("merged", 2),
+    ("adapter", 1),
+    ("adapter", 2),
+    ("worker_merge", 1),
+    ("worker_merge", 2),
+]
 SYNC_TIMED_STEPS = 3  # per run of a cell: every step gives a sync and a step time, 3 are plenty
 BIG_MIN_FREE_GIB = 14.0  # learner (~9 GiB while training on the 152k vocabulary) or 2 engines + payloads
 BIG_MICRO_BATCH = 8
@@ -73,13 +80,15 @@ def run(settings: Settings, e2e_section: dict[str, Any] | None) -> dict[str, Any
 def side_by_side(settings: Settings) -> dict[str, Any]:
     """merged / adapter / worker_merge measured part by part in one run on the 22.9M bench model
     (big_child), merged and worker_merge alternating on the same engines."""
+    if settings.quick:  # two more engine starts and a train step: kept out of the smoke run
+        return {"skipped": "off with --quick"}
     spec = {
         "kind": "big",
         "model": str(settings.model),
         "cores": settings.cores,
-        "syncs": 2 if settings.quick else max(5, settings.repeats),
+        "syncs": max(5, settings.repeats),
         "rollout_dtype": "float32",
-        "generate_rounds": 1 if settings.quick else 2,
+        "generate_rounds": 3,
     }
     try:
         return run_child("sync_cost", spec, settings, "sync-side-by-side")
@@ -300,7 +309,7 @@ def _parameters(model: str) -> int:
 def markdown(section: dict[str, Any]) -> list[str]:
     goal = section["goal"]
     lines = [
-        "## 3. Sync cost (merged vs adapter, 1 and 2 rollout workers)",
+        "## 3. Sync cost (merged vs adapter vs worker_merge, 1 and 2 rollout workers)",
         "",
         f"Goal: <= {goal:.0%} of step time. Per timed step: the driver's time/sync (learner export, object "
         "store, every worker's checksum + load, acks); 'worker load' is the slowest worker's part.",
@@ -326,7 +335,11 @@ def markdown(section: dict[str, Any]) -> list[str]:
                 f"{cell['share'] * 100:.2f}% | {goal_check(cell['share'], goal, False)} |"
             )
         lines += ["", _parts_note(big)]
-    lines += ["", "First sync of a run (dequantized base + adapter, before step 1; not in any step):", ""]
+    lines += [
+        "",
+        "First sync of a run (the base: dequantized, or packed NF4 for worker_merge; + adapter; before step 1, not in any step):",
+        "",
+    ]
     lines += ["| model | mode / workers | MB | s |", "|---|---|---|---|"]
     for key, cell in section["bench_model"].items():
         lines.append(
@@ -379,8 +392,8 @@ def side_by_side_markdown(parts: dict[str, Any] | None, goal: float) -> list[str
     if not parts:
         return []
     lines = ["", "### merged vs adapter vs worker_merge, side by side (22.9M bench model, one run)", ""]
-    if "error" in parts:
-        return [*lines, f"failed: {parts['error'].splitlines()[0]}"]
+    if "error" in parts or "skipped" in parts:
+        return [*lines, parts.get("skipped") or f"failed: {parts['error'].splitlines()[0]}"]
     cells = parts["cells"]
     lines += [
         "Parts of a step on the real components (learner + 2 RolloutWorkers per engine kind): merged and "
