@@ -49,10 +49,6 @@ class WorkerMerge:
         self.base: dict[str, _Base] = {}
         self.last_checksum: str | None = None  # merged checksum of the latest full-checked update
 
-    @property
-    def has_base(self) -> bool:
-        return bool(self.base)
-
     def base_bytes(self) -> int:
         """Bytes of the kept base: codes, quantization state, biases."""
         total = 0
@@ -150,6 +146,9 @@ class WorkerMerge:
 def _moved(quant_state: Any, device: str) -> Any:
     """A copy of a QuantState on `device` (QuantState.to moves in place; the kept one stays put)."""
     import copy
+
+    if quant_state is None:  # a dense base layer
+        return None
 
     moved = copy.copy(quant_state)
     if quant_state.nested:
