@@ -147,6 +147,8 @@ def update_bytes(cfg: Any, learner: Any, include_base: bool) -> float:
     if cfg.sync == "adapter":
         kinds = [("base", True)] if include_base and cfg.learner.quantization == "nf4" else []
         kinds.append(("adapter", False))
+    elif cfg.sync == "worker_merge":
+        kinds = [("worker_merge", include_base)]
     return float(sum(payload_bytes(learner, kind, base) for kind, base in kinds))
 
 

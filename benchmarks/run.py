@@ -10,7 +10,7 @@ scripts/build_bench_model.py (built here on first use). Sections:
 
 1. e2e                 grpo-ray vs TRL GRPOTrainer, tokens/s and s/step        (goal >= 2.0x)
 2. rollout_overhead    RolloutWorker vs bare vLLM LLM.generate in a Ray actor   (goal >= 0.95x)
-3. sync_cost           merged / adapter sync, 1 and 2 workers, 22.9M and 0.5B  (goal <= 2% of a step)
+3. sync_cost           merged / adapter / worker_merge sync, 1 and 2 workers, 22.9M and 0.5B (<= 2% of a step)
 4. learner_efficiency  Learner.train_step vs plain PEFT forward + backward      (goal >= 0.9x)
 5. breakdown           grpo-ray's step split: generate / reward / train / sync / idle (from the e2e runs)
 6. limits              each phase's useful FLOPs vs this machine's measured float32 GEMM rate

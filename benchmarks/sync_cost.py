@@ -1,4 +1,4 @@
-"""Policy-sync cost: seconds and bytes per sync, `merged` vs `adapter`, 1 and 2 rollout workers.
+"""Policy-sync cost: seconds and bytes per sync, `merged` vs `adapter` vs `worker_merge`, 1 and 2 workers.
 
 Benchmark model: real `grpo-ray train` runs of the workload (benchmarks/e2e.py's grpo-ray child) in
 each (mode, workers) cell; per timed step, time/sync as logged by the driver (export on the learner,
@@ -13,6 +13,10 @@ workers; one `pool.generate` of the workload per (mode, workers); and the learne
 on 2 of the step's 16 micro-batches of 8, scaled to 16 (forward/backward cost is the same for every
 micro-batch of equal-length rows; the rest of train_step is small next to it). The share is
 sync / (generate + train + sync) for that cell.
+
+Side by side (`side_by_side`): the same parts measurement on the 22.9M bench model, all three modes
+in one run; merged and worker_merge alternate, sync by sync and generate by generate, on the same
+engines (both reload plain merged weights), so their decode tokens/s are compared within one run.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ from benchmarks.common import (
 )
 
 GOAL = 0.02  # sync seconds / step seconds
-CELLS = [("merged", 1), ("merged", 2), ("adapter", 1), ("adapter", 2)]
+CELLS = [
+    ("merged", 1),
+    ("merged", 2),
+    ("adapter", 1),
+    ("adapter", 2),
+    ("worker_merge", 1),
+    ("worker_merge", 2),
+]
 SYNC_TIMED_STEPS = 3  # per run of a cell: every step gives a sync and a step time, 3 are plenty
 BIG_MIN_FREE_GIB = 14.0  # learner (~9 GiB while training on the 152k vocabulary) or 2 engines + payloads
 BIG_MICRO_BATCH = 8
@@ -62,7 +73,27 @@ def run(settings: Settings, e2e_section: dict[str, Any] | None) -> dict[str, Any
             runs[_key(mode, workers)].append(run_child("e2e", spec, settings, f"sync-{mode}-{workers}w-{r}"))
     section: dict[str, Any] = {"goal": GOAL, "bench_model": {k: _cell(v) for k, v in runs.items() if v}}
     section["big_model"] = _big(settings)
+    section["side_by_side"] = side_by_side(settings)
     return section
+
+
+def side_by_side(settings: Settings) -> dict[str, Any]:
+    """merged / adapter / worker_merge measured part by part in one run on the 22.9M bench model
+    (big_child), merged and worker_merge alternating on the same engines."""
+    if settings.quick:  # two more engine starts and a train step: kept out of the smoke run
+        return {"skipped": "off with --quick"}
+    spec = {
+        "kind": "big",
+        "model": str(settings.model),
+        "cores": settings.cores,
+        "syncs": max(5, settings.repeats),
+        "rollout_dtype": "float32",
+        "generate_rounds": 3,
+    }
+    try:
+        return run_child("sync_cost", spec, settings, "sync-side-by-side")
+    except ChildFailed as err:
+        return {"error": str(err)}
 
 
 def _key(mode: str, workers: int) -> str:
@@ -120,7 +151,19 @@ def _big(settings: Settings) -> dict[str, Any]:
 # ---- the 0.5B model (a child process) ------------------------------------------------------------
 
 
+# Engines of one kind serve the modes of a group: merged and worker_merge both reload plain merged
+# weights into engines without vLLM LoRA, so they alternate on the same engines, sync by sync and
+# generate by generate; adapter mode needs LoRA-enabled engines of its own.
+ENGINE_GROUPS = (("merged", "worker_merge"), ("adapter",))
+MODES = tuple(mode for group in ENGINE_GROUPS for mode in group)
+
+
 def big_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a step on the real components, per (mode, workers): sync, generate, one train step.
+
+    spec: model, cores, syncs (timed syncs per cell), rollout_dtype, generate_rounds (generates per
+    cell, alternated between the modes of an engine group).
+    """
     import ray
     from transformers import AutoTokenizer
 
@@ -130,12 +173,16 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
     from grpo_ray.records import Batch
 
     model, cores, syncs, w = spec["model"], spec["cores"], spec["syncs"], WORKLOAD
+    rounds = int(spec.get("generate_rounds", 1))
 
-    def config(mode: str) -> Any:
+    def config(mode: str, check_every: int = 0) -> Any:
         extra = [
             f"learner.micro_batch_size={BIG_MICRO_BATCH}",
             "rollout.kv_cache_mb=320",
             f"rollout.dtype={spec['rollout_dtype']}",
+            # The learner does not train between these syncs (its version stays 0, which every
+            # check period divides): no full check, except in the one cell that measures it.
+            f"sync_check_every={check_every}",
         ]
         return bench_config(model, steps=1, run_root=spec["tmp_dir"], sync=mode, cores=cores, extra=extra)
 
@@ -151,43 +198,67 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
     with local_ray():
         learner = start_learner_group(config("merged"), model, pad_id)
         learner.weight_names({})  # waits until the learner has loaded (peaks do not overlap the engines')
-        for mode in ("merged", "adapter"):
-            cfg = config(mode)
-            workers, group = start_workers(cfg, model)  # adapter mode: engines with vLLM LoRA enabled
+        for modes in ENGINE_GROUPS:
+            workers, group = start_workers(config(modes[0]), model)  # adapter: vLLM LoRA enabled
             packed = ray.get([worker.packed_modules.remote() for worker in workers])[0]  # all started
             pool = RolloutPool(workers, bundle_nodes(group))
             learner.weight_names(packed)
             memory = {"started": _private_gib(workers)}
-            begin = time.perf_counter()
-            driver._sync(cfg, learner, pool, include_base=True)
-            first_sync_s = time.perf_counter() - begin
+            first_sync_s = {}
+            for mode in modes:  # worker_merge last: its base sync leaves the workers holding the base
+                begin = time.perf_counter()
+                driver._sync(config(mode), learner, pool, include_base=True)
+                first_sync_s[mode] = time.perf_counter() - begin
             memory["after_first_sync"] = _private_gib(workers)
             for n in (2, 1):
                 part = RolloutPool(workers[:n], pool.nodes[:n])
-                begin = time.perf_counter()
-                generated = part.generate(prompts, w.group_size, seeds=driver._prompt_seeds(cfg, 1))
-                generate_s = time.perf_counter() - begin
-                groups = groups or generated
-                seconds, loads = [], []
-                for _ in range(syncs):
+                seconds: dict[str, list[float]] = {m: [] for m in modes}
+                loads: dict[str, list[float]] = {m: [] for m in modes}
+                for r in range(syncs):
+                    for mode in rotated(list(modes), r):
+                        begin = time.perf_counter()
+                        _, acks = driver._sync(config(mode), learner, part, include_base=False)
+                        seconds[mode].append(time.perf_counter() - begin)
+                        loads[mode].append(max(a.seconds for a in acks))
+                generate_s: dict[str, list[float]] = {m: [] for m in modes}
+                tokens_per_s: dict[str, list[float]] = {m: [] for m in modes}
+                for r in range(rounds):
+                    for mode in rotated(list(modes), r):
+                        driver._sync(config(mode), learner, part, include_base=False)  # engines run this mode
+                        begin = time.perf_counter()
+                        generated = part.generate(
+                            prompts, w.group_size, seeds=driver._prompt_seeds(config(mode), 1)
+                        )
+                        elapsed = time.perf_counter() - begin
+                        groups = groups or generated
+                        tokens = sum(len(c.token_ids) for g in generated for c in g.completions)
+                        generate_s[mode].append(elapsed)
+                        tokens_per_s[mode].append(tokens / elapsed)
+                for mode in modes:
+                    out["cells"][_key(mode, n)] = {
+                        "sync_s": summary(seconds[mode]),
+                        "worker_load_s": summary(loads[mode]),
+                        "generate_s": summary(generate_s[mode])["median"],
+                        "decode_tokens_per_s": summary(tokens_per_s[mode]),
+                        "first_sync_s": first_sync_s[mode],
+                    }
+                if "worker_merge" in modes:  # one sync with the full check, to price it
                     begin = time.perf_counter()
-                    _, acks = driver._sync(cfg, learner, part, include_base=False)
-                    seconds.append(time.perf_counter() - begin)
-                    loads.append(max(a.seconds for a in acks))
-                out["cells"][_key(mode, n)] = {
-                    "sync_s": summary(seconds),
-                    "worker_load_s": summary(loads),
-                    "generate_s": generate_s,
-                    "first_sync_s": first_sync_s,
-                }
+                    _, acks = driver._sync(
+                        config("worker_merge", check_every=1), learner, part, include_base=False
+                    )
+                    out["cells"][_key("worker_merge", n)]["checked_sync_s"] = time.perf_counter() - begin
+                    assert all(a.merged_checksum for a in acks), "a checked sync reports the rebuilt checksum"
             memory["after_all_syncs"] = _private_gib(workers)
-            out[f"engine_private_gib_{mode}"] = memory
+            out["engine_private_gib_" + "+".join(modes)] = memory
             _stop(workers, group)  # the next engines, the payload sizes and training need the memory
-            for n in (2, 1):  # bytes do not depend on the workers; read them with no engine holding memory
-                out["cells"][_key(mode, n)]["bytes"] = e2e.update_bytes(cfg, learner, include_base=False)
-                out["cells"][_key(mode, n)]["first_sync_bytes"] = e2e.update_bytes(
-                    cfg, learner, include_base=True
-                )
+            for mode in modes:  # bytes do not depend on the workers; read them with no engine holding memory
+                for n in (2, 1):
+                    cfg = config(mode)
+                    out["cells"][_key(mode, n)]["bytes"] = e2e.update_bytes(cfg, learner, include_base=False)
+                    out["cells"][_key(mode, n)]["first_sync_bytes"] = e2e.update_bytes(
+                        cfg, learner, include_base=True
+                    )
         count = BIG_TRAINED_MICRO_BATCHES * BIG_MICRO_BATCH // w.group_size
         batch = Batch(groups[:count], [[0.0, 1.0] * (w.group_size // 2)] * count, w.max_new_tokens)
         begin = time.perf_counter()
@@ -238,7 +309,7 @@ def _parameters(model: str) -> int:
 def markdown(section: dict[str, Any]) -> list[str]:
     goal = section["goal"]
     lines = [
-        "## 3. Sync cost (merged vs adapter, 1 and 2 rollout workers)",
+        "## 3. Sync cost (merged vs adapter vs worker_merge, 1 and 2 rollout workers)",
         "",
         f"Goal: <= {goal:.0%} of step time. Per timed step: the driver's time/sync (learner export, object "
         "store, every worker's checksum + load, acks); 'worker load' is the slowest worker's part.",
@@ -263,22 +334,12 @@ def markdown(section: dict[str, Any]) -> list[str]:
                 f"{fmt_range(cell['worker_load_s'], 2)} | {cell['step_s_estimated']:.0f} | "
                 f"{cell['share'] * 100:.2f}% | {goal_check(cell['share'], goal, False)} |"
             )
-        lines += [
-            "",
-            f"0.5B step estimate = generate (measured per cell) + train_step "
-            f"({big['train_s_estimated']:.0f} s: {big['train_s_measured']['seconds']:.0f} s measured on "
-            f"{big['train_s_measured']['micro_batches']} of 16 micro-batches of {BIG_MICRO_BATCH}, scaled) + sync. "
-            "Generate per cell: "
-            + ", ".join(f"{k} {c['generate_s']:.0f} s" for k, c in big["cells"].items())
-            + ". Largest engine private memory (GiB) at start / after the first sync / after all syncs: "
-            + "; ".join(
-                f"{mode} {m['started']:.1f} / {m['after_first_sync']:.1f} / {m['after_all_syncs']:.1f}"
-                for mode in ("merged", "adapter")
-                if (m := big.get(f"engine_private_gib_{mode}"))
-            )
-            + ".",
-        ]
-    lines += ["", "First sync of a run (dequantized base + adapter, before step 1; not in any step):", ""]
+        lines += ["", _parts_note(big)]
+    lines += [
+        "",
+        "First sync of a run (the base: dequantized, or packed NF4 for worker_merge; + adapter; before step 1, not in any step):",
+        "",
+    ]
     lines += ["| model | mode / workers | MB | s |", "|---|---|---|---|"]
     for key, cell in section["bench_model"].items():
         lines.append(
@@ -290,7 +351,91 @@ def markdown(section: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| 0.5B | {key} | {cell['first_sync_bytes'] / 1e6:.1f} | {cell['first_sync_s']:.1f} |"
             )
+    return lines + side_by_side_markdown(section.get("side_by_side"), goal) + computed_markdown()
+
+
+def computed_markdown() -> list[str]:
+    """Bytes per sync for the shipped 7B cluster config in each mode: arithmetic, not a run
+    (cluster/planning/sync_bytes.py, which tests/integration/test_worker_merge.py checks against the
+    learner's real exports)."""
+    from cluster.config import PROJECT_ROOT, load_config
+    from cluster.planning.memory import builtin_shape
+    from cluster.planning.sync_bytes import sync_bytes
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "gsm8k_qwen2.5-7b_cluster.yaml")
+    shape = builtin_shape(cfg.model)
+    assert shape is not None, "the 7B config names a built-in Qwen2.5 shape"
+    workers = cfg.rollout.num_workers
+    lines = [
+        "",
+        f"### Computed, not run: {cfg.model}, configs/gsm8k_qwen2.5-7b_cluster.yaml "
+        f"(LoRA r={cfg.learner.lora.rank} {cfg.learner.lora.target_modules}, {cfg.rollout.dtype} engines, "
+        f"{workers} rollout workers)",
+        "",
+        "One object-store copy per sync; each rollout node fetches it, so a step moves it to every node.",
+        "",
+        f"| mode | GB per sync | % of merged | GB per step to {workers} workers | first sync GB |",
+        "|---|---|---|---|---|",
+    ]
+    merged = sync_bytes(cfg, shape, "merged").per_step
+    for mode in ("merged", "adapter", "worker_merge"):
+        b = sync_bytes(cfg, shape, mode)
+        lines.append(
+            f"| {mode} | {b.per_step / 1e9:.3f} | {100 * b.per_step / merged:.1f}% | "
+            f"{workers * b.per_step / 1e9:.2f} | {b.first / 1e9:.2f} |"
+        )
     return lines
+
+
+def side_by_side_markdown(parts: dict[str, Any] | None, goal: float) -> list[str]:
+    """The merged / adapter / worker_merge table of one big_child run."""
+    if not parts:
+        return []
+    lines = ["", "### merged vs adapter vs worker_merge, side by side (22.9M bench model, one run)", ""]
+    if "error" in parts or "skipped" in parts:
+        return [*lines, parts.get("skipped") or f"failed: {parts['error'].splitlines()[0]}"]
+    cells = parts["cells"]
+    lines += [
+        "Parts of a step on the real components (learner + 2 RolloutWorkers per engine kind): merged and "
+        "worker_merge alternate sync by sync and generate by generate on the same engines; adapter runs "
+        "on LoRA-enabled engines. Step = generate + train_step (estimated) + sync.",
+        "",
+        "| mode / workers | MB per sync | % of merged | s per sync | worker load s | est. step s | share | "
+        "goal | decode tok/s | vs merged | first sync MB | first sync s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, cell in cells.items():
+        n = key.split("/")[1]
+        merged = cells[f"merged/{n}"]
+        tps, base = cell["decode_tokens_per_s"]["median"], merged["decode_tokens_per_s"]["median"]
+        lines.append(
+            f"| {key} | {cell['bytes'] / 1e6:.2f} | {100 * cell['bytes'] / merged['bytes']:.1f}% | "
+            f"{fmt_range(cell['sync_s'], 3)} | {fmt_range(cell['worker_load_s'], 3)} | "
+            f"{cell['step_s_estimated']:.1f} | {cell['share'] * 100:.2f}% | {goal_check(cell['share'], goal, False)} | "
+            f"{fmt_range(cell['decode_tokens_per_s'], 0)} | {tps / base:.2f}x | "
+            f"{cell['first_sync_bytes'] / 1e6:.1f} | {cell['first_sync_s']:.2f} |"
+        )
+    checked = ", ".join(f"{k} {c['checked_sync_s']:.3f} s" for k, c in cells.items() if "checked_sync_s" in c)
+    lines += ["", _parts_note(parts) + f" A worker_merge sync with the full check: {checked}."]
+    return lines
+
+
+def _parts_note(big: dict[str, Any]) -> str:
+    return (
+        f"Step estimate = generate (measured per cell) + train_step "
+        f"({big['train_s_estimated']:.0f} s: {big['train_s_measured']['seconds']:.1f} s measured on "
+        f"{big['train_s_measured']['micro_batches']} of 16 micro-batches of {BIG_MICRO_BATCH}, scaled) + sync. "
+        "Generate per cell: "
+        + ", ".join(f"{k} {c['generate_s']:.1f} s" for k, c in big["cells"].items())
+        + ". Largest engine private memory (GiB) at start / after the first sync / after all syncs: "
+        + "; ".join(
+            f"{key.removeprefix('engine_private_gib_')} {m['started']:.1f} / {m['after_first_sync']:.1f} / "
+            f"{m['after_all_syncs']:.1f}"
+            for key, m in big.items()
+            if key.startswith("engine_private_gib_")
+        )
+        + "."
+    )
 
 
 if __name__ == "__main__":

@@ -124,6 +124,11 @@ def _check(cfg: RunConfig, device_gib: float) -> None:
         return
     memory = plan_memory(inputs_from_config(cfg, shape, device_gib))
     print(memory.render())
+    from cluster.planning.sync_bytes import worker_merge_advice
+
+    advice = worker_merge_advice(cfg, shape)
+    if advice:
+        print(advice)
     if not memory.fits:
         raise ConfigError(f"the run does not fit in {device_gib:g} GiB:\n  " + "\n  ".join(memory.advice))
     print("config ok")

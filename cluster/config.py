@@ -94,9 +94,16 @@ class RunConfig(Strict):
     steps: int = Field(20, ge=1, description="GRPO steps to run.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
     group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group).")
-    sync: Literal["merged", "adapter"] = Field(
+    sync: Literal["merged", "adapter", "worker_merge"] = Field(
         "merged",
-        description="Policy sync: merged dense weights reloaded in place, or the LoRA adapter via vLLM LoRA.",
+        description="Policy sync: merged dense weights reloaded in place; the LoRA adapter via vLLM LoRA; or "
+        "worker_merge (base once, then LoRA A/B; each worker merges and reloads in place).",
+    )
+    sync_check_every: int = Field(
+        10,
+        ge=0,
+        description="sync: worker_merge: every N syncs (and at the end) compare each worker's rebuilt "
+        "weights' checksum with the learner's merge (0: only at the end).",
     )
     placement: Literal["split", "colocate"] = Field(
         "split",

@@ -312,18 +312,30 @@ def _start(
 def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
-    The first sync of a run also carries the dequantized 4-bit layers, so from step 0 the engines
-    run exactly the learner's policy, never the checkpoint's full-precision weights.
+    The first sync of a run also carries the base layers (dequantized, or for worker_merge packed
+    NF4), so from step 0 the engines run exactly the learner's policy, never the checkpoint's
+    full-precision weights. worker_merge later sends only LoRA A/B; on the first sync, every
+    `sync_check_every` versions and at the last step, each worker's rebuilt weights are checked
+    against the learner's own merge.
     """
     kinds: list[tuple[str, bool]] = [("merged", include_base)]
     if cfg.sync == "adapter":
         kinds = [("base", True)] if include_base and cfg.learner.quantization == "nf4" else []
         kinds.append(("adapter", False))
+    elif cfg.sync == "worker_merge":
+        kinds = [("worker_merge", include_base)]
     version, acks = -1, []
     for kind, with_base in kinds:
-        update_ref, summary_ref = learner.export_for_sync(kind, with_base)
-        version, checksum = _get(summary_ref)
+        update_ref, summary_ref = learner.export_for_sync(kind, with_base, cfg.sync_check_every, cfg.steps)
+        version, checksum, merged_checksum = _get(summary_ref)
         acks = pool.sync(update_ref, version, checksum)
+        for ack in acks if merged_checksum is not None else []:
+            if ack.merged_checksum != merged_checksum:
+                raise SyncError(
+                    f"rollout worker {ack.worker} rebuilt policy v{version} with checksum "
+                    f"{ack.merged_checksum}, but the learner's merge has {merged_checksum}: its merged "
+                    "weights drifted from the learner's (same arithmetic expected; see grpo_ray/merge_math.py)"
+                )
     return version, acks
 
 

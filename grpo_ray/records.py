@@ -6,7 +6,7 @@ raw numpy buffers), so they pickle cheaply through Ray and stay readable in test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
@@ -70,15 +70,26 @@ class WeightUpdate:
 
     mode "merged": `tensors` are dense weights under the checkpoint's parameter names, complete
     for every fused engine module they touch. mode "adapter": `tensors` is a PEFT adapter state
-    dict and `adapter_config` its config, served through vLLM LoRA.
+    dict and `adapter_config` its config, served through vLLM LoRA. mode "worker_merge": the worker
+    builds the merged weights of `merge_modules` itself (grpo_ray.merge_math); `tensors` holds each
+    adapted module's absolute `{module}.lora_A` [r, in] and `{module}.lora_B` [out, r] (float32),
+    and, when `base_weights`, every base layer as stored by the learner: `{module}.weight` (packed
+    uint8 NF4 codes with bitsandbytes' packed quantization state `{module}.weight.absmax`,
+    `.quant_map`, `.nested_*`, `.quant_state.bitsandbytes__nf4`; or the dense weight) and
+    `{module}.bias`. A/B are absolute, not deltas: a skipped version leaves nothing behind.
     """
 
     version: int
-    mode: Literal["merged", "adapter"]
+    mode: Literal["merged", "adapter", "worker_merge"]
     tensors: list[tuple[str, Any]]
     checksum: str
     adapter_config: dict[str, Any] | None = None
-    base_weights: bool = False  # True when these are the dequantized base layers sent once at start
+    base_weights: bool = False  # True when these are the base layers sent once at start
+    # worker_merge only (empty otherwise):
+    merge_modules: list[str] = field(default_factory=list)  # rebuilt and loaded, in this order
+    keep_base: list[str] = field(default_factory=list)  # base layers the worker keeps for later syncs
+    lora_scaling: dict[str, float] = field(default_factory=dict)  # module -> alpha / r
+    full_check: bool = False  # the worker also reports the checksum of the weights it rebuilt
 
     @property
     def num_bytes(self) -> int:
@@ -123,3 +134,6 @@ class SyncAck:
     version: int
     checksum: str
     seconds: float
+    # worker_merge full check: weights_checksum of the merged weights the worker rebuilt and loaded,
+    # comparable with the learner's `merged` export of the same modules (None when not asked for).
+    merged_checksum: str | None = None

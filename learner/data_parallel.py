@@ -121,10 +121,17 @@ class LearnerGroup:
         per_rank = ray.get([r.train_shard.remote(s) for r, s in zip(self.ranks, shards, strict=True)])
         return merge_metrics(per_rank, shards)
 
-    def export_for_sync(self, kind: str, include_base: bool) -> tuple[Any, Any]:
-        """(update ref, (version, checksum) ref) from rank 0: every rank holds the same policy."""
+    def export_for_sync(
+        self, kind: str, include_base: bool, check_every: int = 0, final_version: int = -1
+    ) -> tuple[Any, Any]:
+        """(update ref, (version, checksum, merged checksum) ref) from rank 0: every rank holds the
+        same policy. See Learner.export_for_sync."""
         self.ready()
-        refs = self.ranks[0].export_for_sync.options(num_returns=2).remote(kind, include_base)
+        refs = (
+            self.ranks[0]
+            .export_for_sync.options(num_returns=2)
+            .remote(kind, include_base, check_every, final_version)
+        )
         return refs[0], refs[1]
 
     def weight_names(self, packed_modules: dict[str, list[str]]) -> list[str]:

@@ -25,7 +25,7 @@ from learner.logprobs import (
     pack,
     pack_sharing_prompts,
 )
-from learner.merge import merged_weights, modules_to_send, parameter_names
+from learner.merge import base_tensors, lora_tensors, merged_weights, modules_to_send, parameter_names
 from learner.model import load_adapter_weights, load_policy, torch_dtype
 from learner.optim import LocalUpdater, Updater
 
@@ -74,8 +74,12 @@ class Learner:
 
         kind "merged": dense merged weights of the adapted layers (plus every 4-bit layer when
         `include_base`); "base": the dequantized 4-bit layers without the adapter (adapter sync's
-        first step); "adapter": the PEFT adapter for vLLM LoRA.
+        first step); "adapter": the PEFT adapter for vLLM LoRA; "worker_merge": the absolute LoRA
+        A/B of the adapted layers (plus, when `include_base`, every base layer as stored: packed
+        NF4 codes and quantization state, or dense), from which the worker builds "merged" itself.
         """
+        if kind == "worker_merge":
+            return self._worker_merge_update(include_base)
         if kind == "adapter":
             tensors, config = self._adapter_tensors()
             return WeightUpdate(
@@ -103,11 +107,50 @@ class Learner:
             base_weights=with_base,
         )
 
-    def export_for_sync(self, kind: str, include_base: bool) -> tuple[WeightUpdate, tuple[int, str]]:
-        """Called with num_returns=2: the driver reads only the small (version, checksum) summary,
-        and passes the update's object ref to every worker, so the weights never pass through it."""
+    def export_for_sync(
+        self, kind: str, include_base: bool, check_every: int = 0, final_version: int = -1
+    ) -> tuple[WeightUpdate, tuple[int, str, str | None]]:
+        """Called with num_returns=2: the driver reads only the small (version, checksum, merged
+        checksum) summary, and passes the update's object ref to every worker, so the weights never
+        pass through it.
+
+        worker_merge's full check: on the first sync (`include_base`), every `check_every` versions
+        and at `final_version`, the update asks the workers for the checksum of the weights they
+        rebuilt, and the summary carries `merged_checksum()` to compare it with (else None). That
+        check costs one merge here, the same work as a merged export.
+        """
         update = self.export(kind, include_base)
-        return update, (update.version, update.checksum)
+        expected = None
+        if kind == "worker_merge":
+            due = check_every > 0 and update.version % check_every == 0
+            update.full_check = include_base or due or update.version == final_version
+            expected = self.merged_checksum() if update.full_check else None
+        return update, (update.version, update.checksum, expected)
+
+    def merged_checksum(self) -> str:
+        """Checksum of what a `merged` sync without base would carry (the adapted layers closed under
+        the engine's fusion, in the rollout dtype): a worker_merge worker's rebuilt weights must match."""
+        modules = modules_to_send(self.policy, self.packed_modules, include_base=False)
+        return weights_checksum(merged_weights(self.policy, modules, self.rollout_dtype))
+
+    def _worker_merge_update(self, include_base: bool) -> WeightUpdate:
+        kept = modules_to_send(self.policy, self.packed_modules, include_base=False)
+        loaded = (
+            modules_to_send(self.policy, self.packed_modules, include_base=True) if include_base else kept
+        )
+        tensors, scaling = lora_tensors(self.policy, kept)
+        if include_base:
+            tensors = list(base_tensors(self.policy, loaded)) + tensors
+        return WeightUpdate(
+            version=self.version,
+            mode="worker_merge",
+            tensors=tensors,
+            checksum=weights_checksum(tensors),
+            base_weights=include_base,
+            merge_modules=loaded,
+            keep_base=kept if include_base else [],
+            lora_scaling=scaling,
+        )
 
     def _adapter_tensors(self) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
         from peft import get_peft_model_state_dict

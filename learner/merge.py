@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from grpo_ray import merge_math
 from grpo_ray.weight_names import fused_siblings
 
 _PEFT_PREFIX = "base_model.model."
@@ -28,30 +29,35 @@ def dense_weight(linear: Any) -> torch.Tensor:
     weight = linear.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
-        import bitsandbytes.functional as bnbf
-
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            raise RuntimeError(
-                "4-bit weights were repacked for bitsandbytes' CPU kernel and can no longer be "
-                "dequantized exactly; load the policy with learner.model.load_policy, which prevents it"
-            )
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
-    return weight.detach().float()
+        _check_4bit_layout(quant_state)
+        return merge_math.base_float32(weight.data, quant_state)
+    return merge_math.base_float32(weight)
 
 
-def merge_lora(weight: torch.Tensor, lora_layer: Any, adapter: str = "default") -> torch.Tensor:
-    """weight + (alpha / r) · B · A for one adapted layer, in float32, as a new tensor.
+def _check_4bit_layout(quant_state: Any) -> None:
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError(
+            "4-bit weights were repacked for bitsandbytes' CPU kernel and can no longer be "
+            "dequantized exactly; load the policy with learner.model.load_policy, which prevents it"
+        )
 
-    One addmm instead of matmul, scale and add: three passes over the weight become one.
-    """
-    lora_a = lora_layer.lora_A[adapter].weight.detach().float()
-    lora_b = lora_layer.lora_B[adapter].weight.detach().float()
-    return torch.addmm(weight, lora_b, lora_a, alpha=lora_layer.scaling[adapter])
+
+def lora_factors(lora_layer: Any, adapter: str = "default") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A [r, in], B [out, r], scaling alpha/r) of one adapted layer, as the learner holds them."""
+    return (
+        lora_layer.lora_A[adapter].weight.detach(),
+        lora_layer.lora_B[adapter].weight.detach(),
+        float(lora_layer.scaling[adapter]),
+    )
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def has_adapter(module: Any) -> bool:
+    """A LoRA-wrapped layer holding the policy's ("default") adapter."""
+    return _is_lora_layer(module) and "default" in module.lora_A
 
 
 def _is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -127,9 +133,49 @@ def merged_weights(
             raise KeyError(f"module '{name}' is not in the learner's model")
         base = _base_of(module)
         with torch.no_grad():
-            weight = dense_weight(base)
-            if with_lora and _is_lora_layer(module) and "default" in module.lora_A:
-                weight = merge_lora(weight, module)
-            yield f"{name}.weight", weight.to(dtype).contiguous()
+            # dense_weight checks the 4-bit layout; merge_math.merged_weight is the shared arithmetic.
+            dense = dense_weight(base)
+            lora = lora_factors(module) if with_lora and has_adapter(module) else None
+            yield f"{name}.weight", merge_math.merged_weight(dense, None, lora, dtype)
             if getattr(base, "bias", None) is not None:
-                yield f"{name}.bias", base.bias.detach().to(dtype).contiguous()
+                yield f"{name}.bias", merge_math.engine_bias(base.bias, dtype)
+
+
+def base_tensors(model: torch.nn.Module, module_names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base layers as the learner stores them, for a worker that merges itself (worker_merge).
+
+    A 4-bit layer: `{name}.weight` = the packed uint8 NF4 codes plus bitsandbytes' packed
+    quantization state (grpo_ray.merge_math.pack_quant_state); a dense layer: its weight in the
+    learner's dtype. Then `{name}.bias` when there is one. Host copies: they go to the object store.
+    """
+    by_checkpoint = _checkpoint_modules(model)
+    for name in module_names:
+        base = _base_of(by_checkpoint[name])
+        weight = base.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:
+            _check_4bit_layout(quant_state)  # repacked codes would not dequantize as the learner's do
+            yield f"{name}.weight", weight.data.cpu()
+            yield from ((k, v.cpu()) for k, v in merge_math.pack_quant_state(f"{name}.weight", quant_state))
+        else:
+            yield f"{name}.weight", weight.detach().cpu()
+        if getattr(base, "bias", None) is not None:
+            yield f"{name}.bias", base.bias.detach().cpu()
+
+
+def lora_tensors(
+    model: torch.nn.Module, module_names: list[str]
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, float]]:
+    """Absolute `{name}.lora_A`, `{name}.lora_B` (float32, host) of every adapted module among
+    `module_names`, and each one's scaling alpha / r."""
+    by_checkpoint = _checkpoint_modules(model)
+    tensors: list[tuple[str, torch.Tensor]] = []
+    scaling: dict[str, float] = {}
+    for name in module_names:
+        module = by_checkpoint[name]
+        if not has_adapter(module):
+            continue
+        lora_a, lora_b, scale = lora_factors(module)
+        tensors += [(f"{name}.lora_A", lora_a.float().cpu()), (f"{name}.lora_B", lora_b.float().cpu())]
+        scaling[name] = scale
+    return tensors, scaling

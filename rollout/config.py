@@ -51,6 +51,11 @@ class RolloutConfig(Strict):
         True, description="Share the prompt's KV cache across the group's samples."
     )
     threads_per_worker: int = Field(1, ge=1, description="CPU only: torch/OpenMP threads each engine uses.")
+    worker_merge_base: Literal["device", "host"] = Field(
+        "device",
+        description="sync: worker_merge: keep the packed base on the engine's GPU (~0.52 B/param of its "
+        "memory) or in host RAM (copied to the GPU each sync); the same on CPU.",
+    )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="How completions are sampled."
     )

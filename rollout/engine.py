@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ class RolloutEngine:
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
         return [[_completion(sample) for sample in output.outputs] for output in outputs]
 
-    def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Reload these checkpoint-named tensors in place. A generator is consumed lazily (the engine
+        is in this process, so collective_rpc hands the object itself to the worker)."""
         self.llm.collective_rpc("grpo_load_weights", args=(named_tensors,))
         self._forget_cached_prompts()
 

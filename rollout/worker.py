@@ -37,6 +37,12 @@ class RolloutWorker:
         self.engine = RolloutEngine(
             model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank, sleep_mode=self.sleep_mode
         )
+        from rollout.worker_merge import WorkerMerge
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        store = device if cfg.worker_merge_base == "device" else "cpu"
+        # Holds nothing until a worker_merge sync brings the base (sync: worker_merge only).
+        self._worker_merge = WorkerMerge(store=store, compute=device, dtype=getattr(torch, cfg.dtype))
 
     def generate(
         self,
@@ -64,19 +70,33 @@ class RolloutWorker:
         ]
 
     def load(self, update: WeightUpdate) -> SyncAck:
-        """Load the learner's new policy in place; the ack carries what was actually received."""
+        """Load the learner's new policy in place; the ack carries what was actually received.
+
+        worker_merge: the merged weights are rebuilt here from the kept base and the update's LoRA;
+        with `update.full_check` the ack also carries their checksum. Raises WorkerMergeError for an
+        update that needs a base this worker does not hold (a new or restarted worker).
+        """
         start = time.perf_counter()
         checksum = weights_checksum(update.tensors)
+        merged_checksum = None
         if checksum == update.checksum:
             if update.mode == "merged":
                 self.engine.load_weights(update.tensors)
+            elif update.mode == "worker_merge":
+                # Built one layer at a time as the engine's reload consumes them (grpo_ray.merge_math).
+                self.engine.load_weights(self._worker_merge.merged(update))
+                merged_checksum = self._worker_merge.last_checksum
             else:
                 assert update.adapter_config is not None, "adapter updates carry their PEFT config"
                 self.engine.load_adapter(update.tensors, update.adapter_config, update.version)
             self.version = update.version
         # A bad checksum is reported, not raised: the driver names this worker and stops the run.
         return SyncAck(
-            worker=self.index, version=self.version, checksum=checksum, seconds=time.perf_counter() - start
+            worker=self.index,
+            version=self.version,
+            checksum=checksum,
+            seconds=time.perf_counter() - start,
+            merged_checksum=merged_checksum,
         )
 
     def sleep(self) -> None:

@@ -7,7 +7,7 @@ Names carry a `grpo_` prefix: an extension method must not shadow a vLLM worker 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -39,10 +39,19 @@ class GrpoWorkerExtension:
     model_runner: Any
     reload_weights: Any
 
-    def grpo_load_weights(self, named_tensors: Sequence[tuple[str, Any]]) -> int:
-        """Load checkpoint-format weights in place (CPU repacking and fused modules handled by vLLM)."""
-        self.reload_weights(weights_iterator=iter(named_tensors))
-        return len(named_tensors)
+    def grpo_load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
+        """Load checkpoint-format weights in place (CPU repacking and fused modules handled by vLLM);
+        a generator is consumed as vLLM's reload walks it. Returns how many tensors were loaded."""
+        count = 0
+
+        def counted() -> Iterator[tuple[str, Any]]:
+            nonlocal count
+            for item in named_tensors:
+                count += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted())
+        return count
 
     def grpo_parameter_names(self) -> list[str]:
         """The engine's own parameter names (fused: qkv_proj, gate_up_proj)."""

@@ -248,6 +248,7 @@ class MemoryInputs:
     device_bytes: int
     placement: str  # "colocate" | "split"
     enforce_eager: bool = True  # False: vLLM captures CUDA graphs (CUDA_GRAPH_BYTES more)
+    worker_base_on_device: bool = False  # sync: worker_merge with rollout.worker_merge_base: device
 
     def __post_init__(self) -> None:
         if self.quantization not in ("nf4", "none"):
@@ -429,11 +430,54 @@ def vllm_headroom_bytes(shape: ModelShape, dtype_bytes: int, enforce_eager: bool
     return forward + sampler + (0 if enforce_eager else CUDA_GRAPH_BYTES)
 
 
+FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's qkv_proj, gate_up_proj
+
+
+def base_layer_bytes(
+    shape: ModelShape, names: set[str], quantization: str, double_quant: bool, c: int
+) -> int:
+    """The base of these decoder linears, in every layer, as the learner stores it (c: its dtype):
+
+    = layers * sum over them of nf4_tensor_bytes(in * out)   (NF4; dense: in*out*c)
+    + layers * (q_dim + 2*kv_dim) * c   the q/k/v biases, when q_proj is among them
+    """
+    shapes = shape.linear_shapes()
+    if quantization == "nf4":
+        per_layer = sum(nf4_tensor_bytes(a * b, double_quant) for n, (a, b) in shapes.items() if n in names)
+    else:
+        per_layer = sum(a * b * c for n, (a, b) in shapes.items() if n in names)
+    if shape.qkv_bias and "q_proj" in names:
+        per_layer += (shape.q_dim + 2 * shape.kv_dim) * c
+    return shape.num_hidden_layers * per_layer
+
+
+def fused_closure(targets: list[str]) -> set[str]:
+    """The adapted linears plus their vLLM fusion siblings (q_proj -> q, k, v; gate -> gate, up)."""
+    names = set(targets)
+    for group in FUSED_LINEARS:
+        if names & set(group):
+            names |= set(group)
+    return names
+
+
+def worker_packed_base_bytes(inputs: MemoryInputs) -> int:
+    """sync: worker_merge keeps, next to its engine, the base of every layer it rebuilds each sync
+    (the adapted linears closed under vLLM's fusion): base_layer_bytes of those. 0 unless the base
+    is kept on the engine's device (`worker_base_on_device`)."""
+    if not inputs.worker_base_on_device:
+        return 0
+    names = fused_closure(inputs.lora_targets)
+    return base_layer_bytes(
+        inputs.shape, names, inputs.quantization, inputs.double_quant, inputs.compute_bytes
+    )
+
+
 def rollout_components(inputs: MemoryInputs) -> dict[str, int]:
     """Bytes per engine component: the engine runs merged dense weights, so all params count."""
     shape, r = inputs.shape, inputs.rollout_bytes
     return {
         "weights": shape.total_params() * r,
+        "packed_base": worker_packed_base_bytes(inputs),  # outside vLLM's fraction, like the context
         "kv_cache": kv_cache_bytes(shape, r, inputs.rollout_sequences, inputs.sequence_tokens),
         "headroom": vllm_headroom_bytes(shape, r, inputs.enforce_eager, inputs.device_bytes),
         "context": CUDA_CONTEXT_BYTES,  # outside gpu_memory_utilization: vLLM measures after creating it
@@ -446,7 +490,8 @@ def rollout_components(inputs: MemoryInputs) -> dict[str, int]:
 def phase_bytes(inputs: MemoryInputs, learner: dict[str, int], rollout: dict[str, int]) -> dict[str, int]:
     """Device bytes in use per phase; the plan fits when every phase fits the device.
 
-    colocate: train    = learner total + the sleeping engine's context (level-1 sleep frees the rest)
+    colocate: train    = learner total + the sleeping engine's context + a worker_merge packed base
+                         (level-1 sleep frees the rest)
               generate = engine total + learner resident state
     split:    train    = learner total (its own device); generate = engine total (its own device)
     """
@@ -454,7 +499,8 @@ def phase_bytes(inputs: MemoryInputs, learner: dict[str, int], rollout: dict[str
     if inputs.placement == "split":
         return {"train": learner_total, "generate": rollout_total}
     return {
-        "train": learner_total + rollout["context"],
+        # vLLM's sleep does not free a worker_merge base: it is the worker's own tensors
+        "train": learner_total + rollout["context"] + rollout["packed_base"],
         "generate": rollout_total + learner_resident(learner),
     }
 
@@ -478,6 +524,8 @@ class MemoryPlan:
         lines = [f"memory plan ({self.placement}, device {_gib(self.device_bytes)} GiB)"]
         lines.append(f"  {'GiB':<22}{'learner':>9}{'vLLM':>9}")
         for label, lkey, rkey in _ROWS:
+            if rkey == "packed_base" and not self.rollout.get(rkey):
+                continue  # only sync: worker_merge keeps a base next to the engine
             left = _gib(self.learner[lkey]) if lkey else ""
             right = _gib(self.rollout[rkey]) if rkey else ""
             lines.append(f"  {label:<22}{left:>9}{right:>9}")
@@ -513,6 +561,7 @@ class MemoryPlan:
 _ROWS: list[tuple[str, str | None, str | None]] = [
     ("nf4 base weights", "nf4_weights", None),
     ("dense weights", "dense_weights", "weights"),
+    ("packed base (worker)", None, "packed_base"),
     ("lora adapter", "lora", None),
     ("lora grads", "grads", None),
     ("adamw state", "optimizer", None),
@@ -669,4 +718,5 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, device_gib: float = 24
         device_bytes=int(device_gib * GiB),
         placement=cfg.placement,
         enforce_eager=rollout.enforce_eager,
+        worker_base_on_device=cfg.sync == "worker_merge" and rollout.worker_merge_base == "device",
     )
