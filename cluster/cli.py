@@ -107,8 +107,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _check(cfg: RunConfig, device_gib: float) -> None:
     from cluster.planning.batch_plan import derive_plan
+    from cluster.planning.model_limits import check_model_limits
 
     print(derive_plan(cfg).render(cfg))
+    check_model_limits(cfg)  # the model's own limits (context length, heads), named with both numbers
     try:
         from cluster.planning.memory import ModelShape, inputs_from_config, plan_memory
     except ImportError:
