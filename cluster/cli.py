@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only filesystem, permissions, disk full: the user's to fix
+        import errno
+
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise
+        from cluster.run_dir import describe_os_error
+
+        print(f"error: {describe_os_error(err)}; free space or point run_root elsewhere", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
         return 130

@@ -13,8 +13,7 @@ from typing import Any
 from cluster.checkpoint import (
     TrainerState,
     check_compatible,
-    find_resume_point,
-    load_checkpoint,
+    load_resume_point,
     restore_metrics,
     save_checkpoint,
     write_adapter,
@@ -23,7 +22,9 @@ from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
 from cluster.planning.batch_plan import derive_plan
+from cluster.planning.model_limits import check_model_limits
 from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.run_dir import check_run_root_writable, set_aside_previous_run
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.step_stats import rollout_stats
@@ -60,6 +61,8 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     start = time.perf_counter()
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
+    check_model_limits(cfg)
+    check_run_root_writable(cfg)
     tokenizer = _load_tokenizer(model)
     train, held_out = _load_data(cfg, tokenizer, echo)
     run_dir = cfg.run_dir
@@ -184,11 +187,11 @@ def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> 
 
 def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None, TrainerState, Any]:
     """Where this run starts: a checkpoint (checked against the config), or step 0 in a clean run dir."""
-    checkpoint = find_resume_point(run_dir, cfg.resume, echo)
-    if checkpoint is None:
-        _set_aside_previous_run(run_dir, echo)
+    loaded = load_resume_point(run_dir, cfg.resume, echo)
+    if loaded is None:
+        set_aside_previous_run(run_dir, Path(cfg.run_root), echo)
         return None, TrainerState(step=0, version=0, cursor=0, accuracy_before=None), None
-    state, learner_state, saved = load_checkpoint(checkpoint)
+    checkpoint, state, learner_state, saved = loaded
     check_compatible(saved, cfg)
     if state.step >= cfg.steps:
         raise ConfigError(
@@ -196,14 +199,6 @@ def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None
         )
     restore_metrics(checkpoint, run_dir)
     return checkpoint, state, learner_state
-
-
-def _set_aside_previous_run(run_dir: Path, echo: Any) -> None:
-    # A fresh run never overwrites an earlier one's checkpoints or metrics: they are moved aside.
-    if run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        echo(f"an earlier run in {run_dir} was moved to {aside} (use --resume to continue a run instead)")
 
 
 def _open_session(
