@@ -210,7 +210,7 @@ def _open_session(
     stack: ExitStack,
     echo: Any,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.rewards))
+    scorer = stack.enter_context(RewardScorer(cfg.rewards, output_log=run_dir / "reward_output.log"))
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
