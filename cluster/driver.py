@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,8 +21,10 @@ from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
 from cluster.planning.batch_plan import derive_plan
 from cluster.planning.model_limits import check_model_limits
+from cluster.ray_session import init_ray
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.run_dir import check_run_root_writable, set_aside_previous_run
+from cluster.telemetry.console import quiet_console
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.step_stats import rollout_stats
@@ -72,6 +72,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
+        stack.enter_context(quiet_console(run_dir / "console.log"))  # first in, last out
         session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
@@ -273,15 +274,9 @@ def _start(
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
 
     if not ray.is_initialized():
-        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
-        # ray.init() alone would join whatever Ray instance happens to run on this machine.
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(
-            address=address,
-            log_to_driver=True,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
+        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray
+        # bound to loopback only (cluster/ray_session.py).
+        init_ray(cfg.ray_address, log_to_driver=True)
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The learner ranks load the model while the engines start; both are waited on below.

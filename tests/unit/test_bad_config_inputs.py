@@ -113,3 +113,14 @@ def test_rope_factor_stretches_the_context() -> None:
     yarn = {"max_position_embeddings": 32768, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
     assert context_limit(yarn) == 131072
     assert context_limit({"max_position_embeddings": 128, "rope_parameters": {"rope_type": "default"}}) == 128
+
+
+def test_train_refuses_max_model_len_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["train", str(DEMO), "rollout.max_model_len=512", "data.max_prompt_tokens=200", f"run_root={tmp_path}"]
+    )
+    assert code == 2
+    assert "rollout.max_model_len = 512 exceeds the model's context length 128" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before the run directory (or any actor) existed
