@@ -119,7 +119,13 @@ def test_train_refuses_max_model_len_before_starting_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(
-        ["train", str(DEMO), "rollout.max_model_len=512", "data.max_prompt_tokens=200", f"run_root={tmp_path}"]
+        [
+            "train",
+            str(DEMO),
+            "rollout.max_model_len=512",
+            "data.max_prompt_tokens=200",
+            f"run_root={tmp_path}",
+        ]
     )
     assert code == 2
     assert "rollout.max_model_len = 512 exceeds the model's context length 128" in capsys.readouterr().err
