@@ -36,24 +36,38 @@ _LOG_LEVEL = re.compile(
     r"^(?:(?P<vllm>INFO|WARNING|DEBUG|ERROR|CRITICAL)\b"
     r"|(?P<py>INFO|WARNING|DEBUG|ERROR|CRITICAL):"
     r"|\[\d{4}-\d\d-\d\d [\d:,]+ (?P<glog>[IWDEF]) \d+"
+    r"|\[(?P<c10>[IWEF])\d{4} [\d:.]+ "
     r"|\d{4}-\d\d-\d\d [\d:,]+\s+(?P<ts>INFO|WARNING|DEBUG|ERROR|CRITICAL)\b)"
 )
 _QUIET_LEVELS = {"INFO", "WARNING", "DEBUG", "I", "W", "D"}
+_PROGRESS = re.compile(r"\d+%(?: Completed)? ?\|")  # tqdm bars of model/weight loading in the actors
+# Messages libraries print without a level, seen on the demo's console: nothing for the user to do.
+_KNOWN_NOISE = re.compile(
+    r"^Triton is (?:installed, but doesn't include CPU backend|not installed)"
+    r"|^Failed to load CPU gemm_4bit_forward from kernels-community"
+)
+
+
+def _split(line: str) -> tuple[str | None, str]:
+    text = _ANSI.sub("", line).rstrip("\n")
+    actor = _ACTOR_PREFIX.match(text)
+    return (actor.group("who"), text[actor.end() :]) if actor else (None, text)
 
 
 def is_chatter(line: str) -> bool:
     """True for a console line a user cannot act on (see the module docstring)."""
-    text = _ANSI.sub("", line).rstrip("\n")
-    if _RAY_DEDUP.search(text) or _WARN_SOURCE.match(text):
+    who, payload = _split(line)
+    bare = payload.replace("\r", "").strip()
+    if _RAY_DEDUP.search(payload) or _WARN_SOURCE.match(payload) or _KNOWN_NOISE.match(bare):
         return True
-    actor = _ACTOR_PREFIX.match(text)
-    payload = text[actor.end() :] if actor else text
     if _WARNING_LINE.search(payload) and "Traceback" not in payload:
         return True
-    level = _LOG_LEVEL.match(payload.lstrip())
+    if who is not None and (not bare or _PROGRESS.search(bare)):
+        return True
+    level = _LOG_LEVEL.match(bare)
     if level is None:
         return False
-    if actor is None:  # the driver's own Ray log records: only its INFO/DEBUG chatter
+    if who is None:  # the driver's own Ray log records: only its INFO/DEBUG chatter
         return level.group("ts") in ("INFO", "DEBUG")
     return next(g for g in level.groups() if g is not None) in _QUIET_LEVELS
 
@@ -64,24 +78,40 @@ class _FilteredStream:
     def __init__(self, target: IO[str], log: IO[str], lock: threading.Lock, counts: list[int]) -> None:
         self.target, self.log, self.lock, self.counts = target, log, lock, counts
         self.buffer_text = ""
+        self.warned: set[str | None] = set()  # sources whose last line was a hidden warning
+        self.partial_hidden = False  # the last \r-redrawn fragment was hidden (so is its newline)
 
     def write(self, text: str) -> int:
         with self.lock:
             self.buffer_text += text
             while "\n" in self.buffer_text:
                 line, self.buffer_text = self.buffer_text.split("\n", 1)
-                self._emit(line + "\n")
+                if not line and self.partial_hidden:  # the end of a hidden progress-bar line
+                    self.log.write("\n")
+                else:
+                    self._emit(line + "\n")
+                self.partial_hidden = False
             if "\r" in self.buffer_text:  # a progress bar redrawing its line: show it now
-                self._emit(self.buffer_text)
+                self.partial_hidden = self._emit(self.buffer_text)
                 self.buffer_text = ""
         return len(text)
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str) -> bool:
+        """Log `text`; show it unless it is chatter. Returns whether it was hidden."""
         self.log.write(text)
-        if is_chatter(text):
+        who, payload = _split(text)
+        # The source line Python prints under a warning ("  wrapper = lookup(...)") goes with it.
+        continues = who in self.warned and payload[:1] in (" ", "\t") and payload.strip() != ""
+        if continues or is_chatter(text):
             self.counts[0] += 1
-        else:
-            self.target.write(text)
+            if _WARNING_LINE.search(payload):
+                self.warned.add(who)
+            elif not continues:
+                self.warned.discard(who)
+            return True
+        self.warned.discard(who)
+        self.target.write(text)
+        return False
 
     def flush(self) -> None:
         with self.lock:
