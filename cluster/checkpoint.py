@@ -13,8 +13,10 @@ is renamed into place once complete; a crash leaves only a `.partial` directory,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,25 +94,46 @@ def write_adapter(directory: Path, learner_state: dict[str, Any]) -> Path:
     return directory
 
 
+_CHECKPOINT_NAME = re.compile(r"^step_\d+$")
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories whose write finished (state.json present), oldest first.
+
+    Only `step_N` names count: `.partial` work directories and `.corrupt-*` ones set aside are not.
+    """
     root = checkpoint_root(run_dir)
     if not root.exists():
         return []
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").exists()
+        if p.is_dir() and _CHECKPOINT_NAME.match(p.name) and (p / "state.json").exists()
     ]
     return sorted(found, key=lambda p: p.name)
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint directory whose files cannot be read back; the message names the file."""
+
+
+Loaded = tuple[Path, TrainerState, dict[str, Any], dict[str, Any]]
+
+
+def remove_partial_checkpoints(run_dir: Path, echo: Any) -> None:
+    """A `.partial` directory is a save cut short (the process was killed): nothing in it is usable."""
+    root = checkpoint_root(run_dir)
+    for partial in sorted(root.glob("*.partial")) if root.exists() else []:
+        echo(f"ignoring incomplete checkpoint {partial} (left by an interrupted write); removed it")
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def find_resume_point(run_dir: Path, resume: str, echo: Any) -> Path | None:
     """The checkpoint to resume from: `auto` = newest complete one (None if there is none), or a path."""
     if resume == "never":
         return None
+    remove_partial_checkpoints(run_dir, echo)
     root = checkpoint_root(run_dir)
-    for partial in sorted(root.glob("*.partial")) if root.exists() else []:
-        echo(f"ignoring incomplete checkpoint {partial} (left by an interrupted write)")
     if resume != "auto":
         path = Path(resume)
         if not (path / "state.json").exists():
@@ -125,15 +148,63 @@ def find_resume_point(run_dir: Path, resume: str, echo: Any) -> Path | None:
     return complete[-1]
 
 
+def load_resume_point(run_dir: Path, resume: str, echo: Any) -> Loaded | None:
+    """Find and load the checkpoint to resume from; None: start from step 0.
+
+    With `resume: auto`, a corrupt newest checkpoint (a truncated file, an empty state.json) is
+    named, moved aside to `step_N.corrupt-<time>` (kept for inspection, never deleted) and the next
+    newest is tried; ConfigError when none is intact. An explicitly named checkpoint that is corrupt
+    is a ConfigError (the user asked for that one).
+    """
+    path = find_resume_point(run_dir, resume, echo)
+    if path is None:
+        return None
+    if resume != "auto":
+        return (path, *load_checkpoint(path))
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        try:
+            loaded = (candidate, *load_checkpoint(candidate))
+        except CorruptCheckpoint as err:
+            aside = candidate.with_name(f"{candidate.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            candidate.rename(aside)
+            echo(
+                f"checkpoint {candidate.name} is corrupt ({err}); moved it to {aside.name}, trying an older one"
+            )
+            continue
+        if candidate != path:
+            echo(f"resuming from {candidate.name}, the newest intact checkpoint")
+        return loaded
+    raise ConfigError(
+        f"no intact checkpoint under {checkpoint_root(run_dir)} (the corrupt ones were moved aside); "
+        "start over with resume: never, or under another name"
+    )
+
+
 def load_checkpoint(path: Path) -> tuple[TrainerState, dict[str, Any], dict[str, Any]]:
-    """(trainer state, learner state, saved config as a dict); tensors loaded without pickle."""
+    """(trainer state, learner state, saved config as a dict); tensors loaded without pickle.
+
+    Raises CorruptCheckpoint naming the file that cannot be read back (missing, truncated, empty).
+    """
     import torch
     from safetensors.torch import load_file
 
-    state = TrainerState(**json.loads((path / "state.json").read_text()))
-    learner_state = torch.load(path / "learner_state.pt", weights_only=True)
-    learner_state["adapter"] = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    saved = yaml.safe_load((path / "config.yaml").read_text())
+    def read(name: str, loader: Any) -> Any:
+        try:
+            return loader(path / name)
+        except Exception as err:  # truncated/garbled files raise whatever their parser raises
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise CorruptCheckpoint(f"{path / name}: {type(err).__name__}: {first}") from None
+
+    state_dict = read("state.json", lambda p: json.loads(p.read_text()))
+    try:
+        state = TrainerState(**state_dict)
+    except TypeError as err:
+        raise CorruptCheckpoint(f"{path / 'state.json'}: not a trainer state ({err})") from None
+    learner_state = read("learner_state.pt", lambda p: torch.load(p, weights_only=True))
+    learner_state["adapter"] = read("adapter/adapter_model.safetensors", lambda p: load_file(str(p)))
+    saved = read("config.yaml", lambda p: yaml.safe_load(p.read_text()))
+    if not isinstance(saved, dict):
+        raise CorruptCheckpoint(f"{path / 'config.yaml'}: not a config mapping")
     return state, learner_state, saved
 
 

@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as usage:  # argparse printed --help, or a usage error (e.g. an override starting '-')
+        if not usage.code:
+            raise
+        return usage.code if isinstance(usage.code, int) else 2
     try:
         return _dispatch(args)
     except ConfigError as err:
@@ -65,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only filesystem, permissions, disk full: the user's to fix
+        import errno
+
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise
+        from cluster.run_dir import describe_os_error
+
+        print(f"error: {describe_os_error(err)}; free space or point run_root elsewhere", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
         return 130
@@ -107,8 +121,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _check(cfg: RunConfig, device_gib: float) -> None:
     from cluster.planning.batch_plan import derive_plan
+    from cluster.planning.model_limits import check_model_limits
 
     print(derive_plan(cfg).render(cfg))
+    check_model_limits(cfg)  # the model's own limits (context length, heads), named with both numbers
     try:
         from cluster.planning.memory import ModelShape, inputs_from_config, plan_memory
     except ImportError:

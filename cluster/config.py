@@ -7,13 +7,15 @@ vLLM or Ray, so `grpo-ray check` answers in about a second.
 from __future__ import annotations
 
 import difflib
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from grpo_ray.config_base import Strict
+from grpo_ray.config_base import MAX_COUNT, MAX_TOKENS, Strict
 from learner.config import LearnerConfig
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
@@ -23,6 +25,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and how to fix it."""
+
+
+# A run name is one plain path component: the run directory is run_root/name, and a name like '',
+# '.', '..' or 'a/b' would make it run_root itself or a directory outside it.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def _non_blank(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    return value
 
 
 class DataConfig(Strict):
@@ -38,17 +51,28 @@ class DataConfig(Strict):
     hub_config: str | None = Field(None, description="The hub dataset's config name (e.g. 'main' for gsm8k).")
     train_split: str = Field("train", description="Hub split with the training prompts.")
     eval_split: str | None = Field("test", description="Hub split held out for evaluation (null: no eval).")
-    question_field: str = Field("question", description="Row field rendered into the user message.")
-    answer_field: str = Field("answer", description="Row field holding the gold answer.")
+    question_field: str = Field(
+        "question",
+        min_length=1,
+        description="Row field rendered into the user message: a string, or a list of chat messages "
+        "({role, content}) rendered through the chat template as they are.",
+    )
+    answer_field: str = Field("answer", min_length=1, description="Row field holding the gold answer.")
     gold_format: Literal["plain", "gsm8k"] = Field(
         "plain", description="How the gold is read from answer_field: as is, or the text after '####'."
     )
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
+    system_prompt: str | None = Field(
+        None,
+        description="System message prepended to every prompt (a conversational row's own system "
+        "message takes its place).",
+    )
     user_template: str = Field(
-        "{question}", description="User message; {question} is replaced by the row's question."
+        "{question}",
+        description="User message; {question} is replaced by the row's question (in a conversational "
+        "row: the content of its last user message).",
     )
     max_prompt_tokens: int = Field(
-        256, ge=1, description="Prompts longer than this are dropped at load and counted."
+        256, ge=1, le=MAX_TOKENS, description="Prompts longer than this are dropped at load and counted."
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A row missing a needed field: stop with its index, or skip it and count it."
@@ -60,12 +84,43 @@ class DataConfig(Strict):
     eval_samples: int = Field(
         0,
         ge=0,
+        le=4096,
         description="k for mean@k / pass@k: samples per held-out question at the sampling temperature "
         "(0: greedy pass@1 only).",
     )
     eval_max_prompts: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many held-out rows."
+        None, ge=1, le=MAX_COUNT, description="Evaluate on at most this many held-out rows."
     )
+
+    @field_validator("user_template")
+    @classmethod
+    def _template_has_question(cls, template: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            template.format(question="")
+        except (ValueError, KeyError, IndexError, AttributeError) as err:
+            raise ValueError(
+                f"user_template {template!r} is not a valid template ({type(err).__name__}: {err}); use "
+                "{question} for the question and double braces {{ }} for literal ones"
+            ) from None
+        if "question" not in fields:
+            raise ValueError(
+                f"user_template {template!r} has no {{question}} placeholder, so every prompt would be the "
+                "same text; put {question} where the row's question goes"
+            )
+        return template
+
+    @field_validator("train_files", "eval_files")
+    @classmethod
+    def _files_named(cls, files: list[str]) -> list[str]:
+        for file in files:
+            _non_blank(file, "a data file path")
+        return files
+
+    @field_validator("hub_dataset", "hub_config", "train_split", "eval_split")
+    @classmethod
+    def _hub_names(cls, value: str | None) -> str | None:
+        return value if value is None else _non_blank(value, "this hub name")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -82,18 +137,26 @@ class LoggingConfig(Strict):
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="'offline' writes wandb files in the run directory and sends nothing."
     )
-    wandb_project: str = Field("grpo-ray", description="wandb project name.")
+    wandb_project: str = Field("grpo-ray", min_length=1, description="wandb project name.")
     progress_bar: bool = Field(True, description="Show a progress bar on the driver.")
 
 
 class RunConfig(Strict):
-    name: str = Field("run", description="Run name; the run directory is run_root/name.")
-    run_root: str = Field("runs", description="Directory holding run directories (metrics, checkpoints).")
+    name: str = Field(
+        "run",
+        description="Run name, one plain path component (letters, digits, '.', '_', '-'); the run "
+        "directory is run_root/name.",
+    )
+    run_root: str = Field(
+        "runs", min_length=1, description="Directory holding run directories (metrics, checkpoints)."
+    )
     model: str = Field(description="Hugging Face hub id or local directory of the base model.")
-    seed: int = Field(0, description="Seed for data order, sampling and LoRA init.")
-    steps: int = Field(20, ge=1, description="GRPO steps to run.")
-    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
-    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group).")
+    seed: int = Field(0, ge=0, lt=1 << 32, description="Seed for data order, sampling and LoRA init.")
+    steps: int = Field(20, ge=1, le=MAX_COUNT, description="GRPO steps to run.")
+    prompts_per_step: int = Field(16, ge=1, le=1 << 20, description="Prompts sampled per step.")
+    group_size: int = Field(
+        8, ge=2, le=1 << 16, description="Completions sampled per prompt (the GRPO group)."
+    )
     sync: Literal["merged", "adapter", "worker_merge"] = Field(
         "merged",
         description="Policy sync: merged dense weights reloaded in place; the LoRA adapter via vLLM LoRA; or "
@@ -102,6 +165,7 @@ class RunConfig(Strict):
     sync_check_every: int = Field(
         10,
         ge=0,
+        le=MAX_COUNT,
         description="sync: worker_merge: every N syncs (and at the end) compare each worker's rebuilt "
         "weights' checksum with the learner's merge (0: only at the end).",
     )
@@ -110,12 +174,18 @@ class RunConfig(Strict):
         description="'split': learner and rollout workers on separate resources; 'colocate': one GPU.",
     )
     eval_every: int = Field(
-        0, ge=0, description="Evaluate every N steps (0: only before and after training)."
+        0, ge=0, le=MAX_COUNT, description="Evaluate every N steps (0: only before and after training)."
     )
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    checkpoint_every: int = Field(
+        0, ge=0, le=MAX_COUNT, description="Checkpoint every N steps (0: only at the end)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=MAX_COUNT, description="How many of the newest checkpoints to keep."
+    )
     resume: str = Field(
-        "never", description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path."
+        "never",
+        min_length=1,
+        description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path.",
     )
     node_labels: bool = Field(
         False,
@@ -125,11 +195,31 @@ class RunConfig(Strict):
         None,
         description="Ray cluster address ('auto': the running one); null: $RAY_ADDRESS, else a new local Ray.",
     )
-    data: DataConfig
+    data: DataConfig = Field(description="Where the prompts come from and how they are rendered.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="QLoRA learner and GRPO loss.")
-    rewards: RewardsConfig
+    rewards: RewardsConfig = Field(description="Reward terms and the scorer's limits.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics sinks.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _PLAIN_NAME.match(name):
+            raise ValueError(
+                f"name {name!r} must be one plain directory name (letters, digits, '.', '_', '-', starting "
+                "with a letter or digit; no '/', not empty): the run directory is run_root/name"
+            )
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, model: str) -> str:
+        return _non_blank(model, "model (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local directory)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address_named(cls, address: str | None) -> str | None:
+        return address if address is None else _non_blank(address, "ray_address (use null for a local Ray)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -188,9 +278,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"config file '{path}' not found; shipped configs are in {PROJECT_ROOT / 'configs'}"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"config file '{path}' must hold a mapping at the top level, got {type(raw).__name__}"
@@ -205,16 +301,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
-    if not sep or not key:
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
         raise ConfigError(f"override '{override}' must look like key.path=value (e.g. learner.lora.rank=8)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = str(getattr(err, "problem", None) or type(err).__name__)
+        raise ConfigError(
+            f"override '{override}': the value {text!r} is not valid YAML ({problem}); quote it to pass a "
+            f"string, e.g. {key}='\"{text}\"'"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"override '{override}': the value nests too deeply") from None
     node = raw
-    parts = key.split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.setdefault(part.strip(), {})
         if not isinstance(child, dict):
             raise ConfigError(f"override '{override}': '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1].strip()] = value
 
 
 def _explain(err: ValidationError, path: Path) -> str:
@@ -227,9 +333,14 @@ def _explain(err: ValidationError, path: Path) -> str:
             lines.append(f"  - '{key}' is required: add it to the config")
         else:
             got = problem.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
             lines.append(f"  - '{key}': {problem['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -13,8 +11,7 @@ from typing import Any
 from cluster.checkpoint import (
     TrainerState,
     check_compatible,
-    find_resume_point,
-    load_checkpoint,
+    load_resume_point,
     restore_metrics,
     save_checkpoint,
     write_adapter,
@@ -23,7 +20,11 @@ from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
 from cluster.planning.batch_plan import derive_plan
+from cluster.planning.model_limits import check_model_limits
+from cluster.ray_session import init_ray
 from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.run_dir import check_run_root_writable, set_aside_previous_run
+from cluster.telemetry.console import quiet_console
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.step_stats import rollout_stats
@@ -60,6 +61,8 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     start = time.perf_counter()
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
+    check_model_limits(cfg)
+    check_run_root_writable(cfg)
     tokenizer = _load_tokenizer(model)
     train, held_out = _load_data(cfg, tokenizer, echo)
     run_dir = cfg.run_dir
@@ -69,6 +72,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
+        stack.enter_context(quiet_console(run_dir / "console.log"))  # first in, last out
         session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
@@ -184,11 +188,11 @@ def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> 
 
 def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None, TrainerState, Any]:
     """Where this run starts: a checkpoint (checked against the config), or step 0 in a clean run dir."""
-    checkpoint = find_resume_point(run_dir, cfg.resume, echo)
-    if checkpoint is None:
-        _set_aside_previous_run(run_dir, echo)
+    loaded = load_resume_point(run_dir, cfg.resume, echo)
+    if loaded is None:
+        set_aside_previous_run(run_dir, Path(cfg.run_root), echo)
         return None, TrainerState(step=0, version=0, cursor=0, accuracy_before=None), None
-    state, learner_state, saved = load_checkpoint(checkpoint)
+    checkpoint, state, learner_state, saved = loaded
     check_compatible(saved, cfg)
     if state.step >= cfg.steps:
         raise ConfigError(
@@ -196,14 +200,6 @@ def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None
         )
     restore_metrics(checkpoint, run_dir)
     return checkpoint, state, learner_state
-
-
-def _set_aside_previous_run(run_dir: Path, echo: Any) -> None:
-    # A fresh run never overwrites an earlier one's checkpoints or metrics: they are moved aside.
-    if run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        echo(f"an earlier run in {run_dir} was moved to {aside} (use --resume to continue a run instead)")
 
 
 def _open_session(
@@ -215,7 +211,7 @@ def _open_session(
     stack: ExitStack,
     echo: Any,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.rewards))
+    scorer = stack.enter_context(RewardScorer(cfg.rewards, output_log=run_dir / "reward_output.log"))
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
@@ -278,15 +274,9 @@ def _start(
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
 
     if not ray.is_initialized():
-        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
-        # ray.init() alone would join whatever Ray instance happens to run on this machine.
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(
-            address=address,
-            log_to_driver=True,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
+        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray
+        # bound to loopback only (cluster/ray_session.py).
+        init_ray(cfg.ray_address, log_to_driver=True)
         stack.callback(ray.shutdown)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The learner ranks load the model while the engines start; both are waited on below.

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+# Upper bounds no real run reaches: they turn a typo (an extra zero, 2**63) into a config error
+# at load instead of an overflow or an allocation failure minutes later.
+MAX_TOKENS = 1 << 22  # 4M tokens: beyond any model's context window
+MAX_WORKERS = 4096  # processes / actors of one kind
+MAX_COUNT = 1 << 30  # steps, prompts, samples
+MAX_SECONDS = 7 * 24 * 3600.0  # one week: any longer time limit is no limit
+
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+    """Base for every config section: unknown keys are errors, values are checked on assignment, and
+    no float may be inf or NaN (`.inf` parses as YAML, but no setting means anything at infinity)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)

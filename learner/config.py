@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from grpo_ray.config_base import Strict
+from grpo_ray.config_base import MAX_COUNT, MAX_TOKENS, Strict
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -15,8 +18,8 @@ TARGET_PRESETS: dict[str, list[str]] = {
 
 
 class LoraSettings(Strict):
-    rank: int = Field(16, ge=1, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    rank: int = Field(16, ge=1, le=4096, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 keeps learner and sampler identical)."
     )
@@ -31,6 +34,9 @@ class LoraSettings(Strict):
             raise ValueError(
                 "target_modules is empty: give a preset ('attention', 'all-linear') or module names"
             )
+        bad = [name for name in value if isinstance(value, list) and not _MODULE_NAME.match(name)]
+        if bad:
+            raise ValueError(f"target_modules {bad} are not module names (e.g. 'q_proj')")
         return value
 
     def module_names(self) -> list[str]:
@@ -45,10 +51,13 @@ class LossConfig(Strict):
         0.2, ge=0, lt=1, description="Lower clip range: ratios below 1 - clip_low are clipped."
     )
     clip_high: float = Field(
-        0.28, ge=0, description="Upper clip range (DAPO clip-higher): ratios above 1 + clip_high are clipped."
+        0.28,
+        ge=0,
+        le=100,
+        description="Upper clip range (DAPO clip-higher): ratios above 1 + clip_high are clipped.",
     )
     beta: float = Field(
-        0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 turns the KL term off."
+        0.0, ge=0, le=1e4, description="KL-to-reference coefficient (k3 estimator); 0 turns the KL term off."
     )
     aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
         "token_mean", description="How token losses are averaged; 'constant' is Dr. GRPO's fixed normaliser."
@@ -59,6 +68,7 @@ class LossConfig(Strict):
     tis_cap: float | None = Field(
         2.0,
         gt=0,
+        le=1e6,
         description="Truncated importance sampling cap for sampler/learner mismatch; null turns it off.",
     )
 
@@ -74,15 +84,22 @@ class LearnerConfig(Strict):
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter that is trained.")
     loss: LossConfig = Field(default_factory=LossConfig, description="The GRPO objective.")
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate for the LoRA parameters.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    learning_rate: float = Field(
+        1e-5, gt=0, le=10, description="AdamW learning rate for the LoRA parameters."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_COUNT, description="Linear learning-rate warm-up, in optimiser steps."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, le=1e9, description="Global gradient-norm clip.")
     micro_batch_size: int = Field(
-        8, ge=1, description="Sequences per forward/backward; gradients accumulate over a step."
+        8,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Sequences per forward/backward; gradients accumulate over a step.",
     )
     passes: int = Field(
-        1, ge=1, description="Optimisation passes over each step's batch (1 = strictly on-policy)."
+        1, ge=1, le=1024, description="Optimisation passes over each step's batch (1 = strictly on-policy)."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
@@ -93,14 +110,17 @@ class LearnerConfig(Strict):
         "that KV cache (exact; saves group_size - 1 prompt forwards per group).",
     )
     num_gpus: int = Field(
-        0, ge=0, description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed."
+        0,
+        ge=0,
+        le=4096,
+        description="GPUs for the learner (0 = CPU); >1 trains data-parallel with DeepSpeed.",
     )
     # Not 3: ZeRO-3 partitions every parameter of the module, the frozen 4-bit base included.
     zero_stage: int = Field(
         0, ge=0, le=2, description="DeepSpeed ZeRO stage over the LoRA parameters when data-parallel (0-2)."
     )
-    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for the learner.")
-    threads: int = Field(2, ge=1, description="CPU only: torch threads the learner uses.")
+    num_cpus: float = Field(1.0, ge=0, le=1024, description="Ray CPUs reserved for the learner.")
+    threads: int = Field(2, ge=1, le=1024, description="CPU only: torch threads the learner uses.")
 
     @model_validator(mode="after")
     def _sharing_needs_a_cache(self) -> LearnerConfig:

@@ -39,7 +39,7 @@ Aggregation = Literal["token_mean", "seq_mean", "constant"]
 _AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 # Metric keys that are additive across micro-batches (see ``combine_metrics``).
-_SUM_KEYS = frozenset({"loss", "num_tokens", "num_seqs"})
+_SUM_KEYS = frozenset({"loss", "num_tokens", "num_seqs", "tis/nonfinite_sampler"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ def truncated_importance_weights(
 
     Stats (python floats), over masked-in tokens and on the RAW ratio ``rho`` before truncation:
     ``ratio_mean``, ``ratio_min``, ``ratio_max``, ``trunc_frac`` (fraction with ``rho > cap``), and
-    ``num_tokens``. With no masked-in token every stat is 0.0. ``cap = math.inf`` gives plain
+    ``num_tokens``, ``nonfinite_sampler`` (masked-in tokens whose sampler logprob is NaN/inf: they get
+    ``rho = 1``). With no masked-in token every stat is 0.0. ``cap = math.inf`` gives plain
     monitoring (no truncation).
     """
     if not cap > 0:
@@ -197,7 +198,12 @@ def truncated_importance_weights(
     with torch.no_grad():
         m = _as_bool_mask(mask_B_T)
         zero = torch.zeros((), dtype=learner_logprobs_B_T.dtype, device=learner_logprobs_B_T.device)
-        log_rho = torch.where(m, learner_logprobs_B_T.detach() - sampler_logprobs_B_T.detach(), zero)
+        # A non-finite sampler logprob on a real token (an engine glitch) says nothing about the
+        # mismatch: that token gets ratio 1, like padding gets weight 0, and is counted.
+        bad_sampler = m & ~torch.isfinite(sampler_logprobs_B_T.detach())
+        log_rho = torch.where(
+            m & ~bad_sampler, learner_logprobs_B_T.detach() - sampler_logprobs_B_T.detach(), zero
+        )
         rho = log_rho.exp()
         weights = torch.where(m, rho.clamp(max=cap), zero)
 
@@ -213,6 +219,7 @@ def truncated_importance_weights(
                 "trunc_frac": float((rho_in > cap).double().mean().item()),
             }
         stats["num_tokens"] = float(n)
+        stats["nonfinite_sampler"] = float(bad_sampler.sum().item())
     return weights, stats
 
 
@@ -308,7 +315,7 @@ def grpo_loss(
       * token-weighted means over masked-in tokens (0.0 when ``num_tokens == 0``): ``clip_frac``,
         ``clip_frac_low`` (A < 0 and ratio < 1 - clip_low), ``clip_frac_high`` (A > 0 and
         ratio > 1 + clip_high), ``ratio_mean``, ``kl_mean`` (when ref is given), ``tis/ratio_mean``,
-        ``tis/trunc_frac``, ``tis/weight_mean``;
+        ``tis/trunc_frac``, ``tis/weight_mean``; summed: ``tis/nonfinite_sampler`` (tokens given ratio 1);
       * extrema: ``tis/ratio_min``, ``tis/ratio_max``.
     Use ``combine_metrics`` to merge micro-batch dicts (sums, ``num_tokens``-weighted means, min/max).
     """
@@ -387,7 +394,7 @@ def grpo_loss(
         if kl is not None:
             metrics["kl_mean"] = float(torch.where(m, kl, zero).double().sum().item()) / denom
         if tis_stats is not None:
-            for key in ("ratio_mean", "ratio_min", "ratio_max", "trunc_frac"):
+            for key in ("ratio_mean", "ratio_min", "ratio_max", "trunc_frac", "nonfinite_sampler"):
                 metrics[f"tis/{key}"] = tis_stats[key]
             w_used = weights if weights is not None else torch.where(m, torch.ones_like(ratio), zero)
             metrics["tis/weight_mean"] = float(w_used.double().sum().item()) / denom

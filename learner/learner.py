@@ -200,6 +200,7 @@ class Learner:
                 )
                 for k, indices in enumerate(micro_batches)
             ]
+            lr_used = self.updater.lr()  # the rate this optimiser step applies (the scheduler moves after it)
             grad_norm = self.updater.step()
             merged = combine_metrics(parts)
             merged["grad_norm"] = grad_norm
@@ -210,7 +211,7 @@ class Learner:
             torch.cuda.empty_cache()
 
         metrics = {f"train/{k}": v for k, v in pass_metrics[-1].items()}
-        metrics["train/lr"] = self.updater.lr()
+        metrics["train/lr"] = lr_used
         metrics["train/advantage_abs_mean"] = (
             float(advantages_B[valid_B].abs().mean()) if valid_B.any() else 0.0
         )
@@ -414,7 +415,10 @@ def _mismatch(rows: list[dict[str, Any]], old: dict[int, torch.Tensor]) -> dict[
     if not gaps:
         return {}
     flat = torch.cat(gaps)
-    return {"sync/logprob_gap_mean": float(flat.mean()), "sync/logprob_gap_max": float(flat.max())}
+    finite = flat[torch.isfinite(flat)]  # a NaN sampler logprob is counted by tis/nonfinite_sampler
+    if not len(finite):
+        return {}
+    return {"sync/logprob_gap_mean": float(finite.mean()), "sync/logprob_gap_max": float(finite.max())}
 
 
 def _json_safe(value: Any) -> bool:

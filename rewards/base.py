@@ -48,7 +48,7 @@ from typing import Any, Literal, Protocol, get_args
 
 SIGNATURE = "fn(completions: list[str], rows: list[dict[str, Any]], **kwargs) -> list[float | None]"
 
-MaskReason = Literal["exception", "timeout", "none", "nan", "inf", "non_numeric"]
+MaskReason = Literal["exception", "timeout", "memory", "none", "nan", "inf", "non_numeric"]
 MASK_REASONS: tuple[MaskReason, ...] = get_args(MaskReason)
 
 

@@ -35,6 +35,7 @@ _NUMBER_RE = re.compile(
     r"(?:/(?P<den>\d+)(?![\d.]))?"
 )
 _LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([-+\u2212]?[\d.,]+)\s*\}\s*\{\s*([\d.,]+)\s*\}")
+_SIGNED_CURRENCY_RE = re.compile(r"(?<![\w.])([-+\u2212])\s*\\?\$\s*(?=\d|\.\d)")  # -$5, -\$5 (LaTeX)
 _ANSWER_IS_RE = re.compile(
     r"\banswer\s+(?:is|was|would\s+be|will\s+be|should\s+be)\b\s*:?|\banswer\s*[:=]", re.I
 )
@@ -81,6 +82,8 @@ def _clean(text: str) -> str:
     text = _LATEX_FRAC_RE.sub(r"\1/\2", text)
     text = text.replace("{,}", ",")  # LaTeX thousands separator: 1{,}234
     text = re.sub(r"(?<=\d)\\,(?=\d{3})", ",", text)  # thin-space thousands separator: 1\,234
+    # A sign before a currency sign belongs to the number: "-$5" is -5 (as the format reward reads it).
+    text = _SIGNED_CURRENCY_RE.sub(r"\1", text)
     return text.replace("\\!", "")
 
 
@@ -214,7 +217,10 @@ math_verify.setup = _import_math_verify  # type: ignore[attr-defined]
 # --------------------------------------------------------------------------------------------------
 
 # A \boxed{...} on the last line, or "#### <number>", then only whitespace, '.', '$', '\]' or ')'.
-DEFAULT_FORMAT_PATTERN = r"(?:\\boxed\{[^\n]*\}|####\s*[-+\u2212]?\$?\s*\d[\d,]*(?:\.\d+)?)[\s.$\\\])]*$"
+# The number is written as numeric_match reads it (3-digit comma groups), so the two agree on it.
+DEFAULT_FORMAT_PATTERN = (
+    r"(?:\\boxed\{[^\n]*\}|####\s*[-+\u2212]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)[\s.$\\\])]*$"
+)
 
 
 @lru_cache(maxsize=64)

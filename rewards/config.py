@@ -10,19 +10,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from grpo_ray.config_base import MAX_SECONDS, MAX_WORKERS
 from rewards.builtin import check_builtin_kwargs, check_function_name
 
 
 class RewardTerm(BaseModel):
     """One weighted reward function; the combined reward is sum over terms of weight * value."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     function: str = Field(
         description="Built-in name (numeric_match, math_verify, format, length_penalty, exact_match) or 'module:function'."
     )
     weight: float = Field(
-        default=1.0, allow_inf_nan=False, description="Multiplier of this term in the combined reward."
+        default=1.0,
+        ge=-1e6,
+        le=1e6,
+        allow_inf_nan=False,
+        description="Multiplier of this term in the combined reward.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to the function."
@@ -51,7 +56,7 @@ class RewardTerm(BaseModel):
 class RewardsConfig(BaseModel):
     """The reward terms and the limits of the isolated scorer that runs them."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     terms: list[RewardTerm] = Field(
         min_length=1, description="Reward terms; the sample's reward is their weighted sum."
@@ -59,12 +64,14 @@ class RewardsConfig(BaseModel):
     timeout_s: float = Field(
         default=5.0,
         gt=0,
+        le=MAX_SECONDS,
         allow_inf_nan=False,
         description="Time limit per sample; a batch call gets timeout_s × its size, up to batch_timeout_s.",
     )
     batch_timeout_s: float = Field(
         default=30.0,
         gt=0,
+        le=MAX_SECONDS,
         allow_inf_nan=False,
         description="Cap on one batched call before it falls back to per-sample calls (bounds a hang's cost).",
     )
@@ -75,7 +82,21 @@ class RewardsConfig(BaseModel):
         description="Stop the run if any term masks more than this fraction of one batch.",
     )
     num_workers: int = Field(
-        default=1, ge=1, description="Worker processes that run reward functions in parallel."
+        default=1, ge=1, le=MAX_WORKERS, description="Worker processes that run reward functions in parallel."
+    )
+    max_worker_memory_mb: int = Field(
+        default=2048,
+        ge=64,
+        le=1 << 24,
+        description="A reward worker whose resident memory exceeds this (MiB) is killed and restarted; "
+        "the samples it was scoring are masked (reason 'memory').",
+    )
+    output_tail_kib: int = Field(
+        default=64,
+        ge=1,
+        le=1 << 20,
+        description="What reward functions print goes to RUN_DIR/reward_output.log, not the console; "
+        "only the last this-many KiB of each call's output are kept there.",
     )
 
     @model_validator(mode="after")

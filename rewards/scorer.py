@@ -7,7 +7,8 @@ Workers are fresh interpreters (``python -c`` via ``subprocess``, talking over a
 multiprocessing's Connection), never forks: the trainer may be a threaded Ray/vLLM process, where
 ``fork`` is unsafe. This is multiprocessing's ``spawn`` minus one thing: ``spawn`` re-runs the trainer's
 ``__main__`` module in every worker, which crashes an unguarded script and, in a guarded one, repeats
-its imports (torch, ray...) at every worker restart. Workers get the trainer's ``sys.path`` and cwd.
+its imports (torch, ray...) at every worker restart. Workers get the trainer's ``sys.path`` and cwd, with
+the cwd first on their path (as ``python`` in the user's shell has it; a console script does not).
 
 Per term and per call:
 
@@ -27,6 +28,11 @@ signature is a configuration bug and raises :class:`RewardError`. A term that ma
 ``max_masked_fraction`` of a batch raises :class:`RewardFailure` with one example input; the scorer
 stops that call as soon as the threshold is certain to be crossed, so a reward that hangs on every
 sample fails after just over ``max_masked_fraction × n`` single-sample timeouts, not ``n`` of them.
+
+4. A worker whose resident memory passes ``max_worker_memory_mb`` during a call is killed like a hanging
+   one (its samples masked with reason ``memory``); one above it after a call is restarted before the
+   next. What reward functions print never reaches the trainer's console: the tail of each call's output
+   goes to ``output_log`` (the driver passes RUN_DIR/reward_output.log); see :mod:`rewards.worker_limits`.
 
 Workers ignore SIGINT (Ctrl-C is the trainer's to handle) and exit by themselves within a second if
 the trainer dies, even by SIGKILL.
@@ -53,8 +59,10 @@ from typing import Any
 from rewards.base import MASK_REASONS, SIGNATURE, RewardConfigError, RewardError, RewardFailure
 from rewards.config import RewardsConfig, RewardTerm
 from rewards.worker import BOOTSTRAP, PATH_ENV, Reply
+from rewards.worker_limits import RewardLog, WorkerOutput, resident_mib
 
 START_TIMEOUT_S = 120.0  # a worker must import its reward modules (and run `setup`) within this
+POLL_S = 0.1  # how often busy workers' memory and output size are checked while waiting
 _EXAMPLE_CHARS = 200
 
 
@@ -69,7 +77,7 @@ class ScoreResult:
     metrics: dict[str, float]
     """Per term: ``reward/<label>/{mean,std,time_s,masked,masked_<reason>}`` (mean/std over unmasked values,
     NaN if none; time_s summed over that term's calls); per batch: ``reward/{masked,masked_fraction,time_s,
-    worker_restarts}``."""
+    worker_restarts,printed_bytes}``."""
     mask_reasons: dict[str, list[str | None]] = field(default_factory=dict)
     """Per term and sample, why it was masked (one of ``rewards.base.MASK_REASONS``) or None."""
 
@@ -109,16 +117,21 @@ class _TermState:
 class _Worker:
     """One worker process and the parent's end of its socket pair; at most one call in flight."""
 
-    def __init__(self, functions: list[str], start_timeout_s: float) -> None:
+    def __init__(self, functions: list[str], start_timeout_s: float, output: WorkerOutput) -> None:
         parent_conn, child_conn = Pipe(duplex=True)
+        self.output = output
         # The trainer's sys.path, absolute (relative entries mean the trainer's cwd), so `module:function`
-        # resolves in the worker exactly as it would here.
-        env = {**os.environ, PATH_ENV: json.dumps([os.path.abspath(str(p)) for p in sys.path])}
+        # resolves in the worker exactly as it would here; and the working directory first, as `python`
+        # run in the user's shell has it (a console script like `grpo-ray` does not put it on sys.path).
+        path = [os.getcwd(), *(os.path.abspath(str(p)) for p in sys.path)]
+        env = {**os.environ, PATH_ENV: json.dumps(list(dict.fromkeys(path)))}
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", BOOTSTRAP, str(child_conn.fileno())],
                 pass_fds=(child_conn.fileno(),),
                 stdin=subprocess.DEVNULL,
+                stdout=output.fileno(),
+                stderr=output.fileno(),
                 env=env,
             )
         finally:
@@ -147,6 +160,9 @@ class _Worker:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         self.conn.close()
+        if not self.output.file.closed:
+            self.output.flush("a reward worker that was stopped")
+            self.output.close()
 
 
 def _shutdown(workers: list[_Worker]) -> None:
@@ -190,8 +206,12 @@ class RewardScorer:
     :meth:`close`. One ``score`` call runs at a time (calls from several threads are serialised).
     """
 
-    def __init__(self, config: RewardsConfig, *, start_timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self, config: RewardsConfig, *, start_timeout_s: float = START_TIMEOUT_S, output_log: Any = None
+    ) -> None:
+        """``output_log``: file that keeps the tail of what reward functions print (default: a temp file)."""
         self.config = config
+        self.log = RewardLog(output_log, config.output_tail_kib * 1024)
         self._terms: list[RewardTerm] = list(config.terms)
         self._functions = sorted({t.function for t in self._terms})
         self._start_timeout_s = start_timeout_s
@@ -223,7 +243,7 @@ class RewardScorer:
         self._finalizer()
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._functions, self._start_timeout_s)
+        return _Worker(self._functions, self._start_timeout_s, WorkerOutput(self.log))
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -251,7 +271,7 @@ class RewardScorer:
             tasks = deque(
                 _Task(k, chunk) for k in range(len(self._terms)) for chunk in _chunks(n, len(self._workers))
             )
-            restarts_before = self.restarts
+            restarts_before, printed_before = self.restarts, self.log.printed_bytes
             start = time.monotonic()
             try:
                 while tasks or any(w.task is not None for w in self._workers):
@@ -260,7 +280,9 @@ class RewardScorer:
             except BaseException:
                 self._abort_in_flight()  # no stale reply may reach the next call
                 raise
-            return self._result(states, time.monotonic() - start, self.restarts - restarts_before)
+            result = self._result(states, time.monotonic() - start, self.restarts - restarts_before)
+            result.metrics["reward/printed_bytes"] = float(self.log.printed_bytes - printed_before)
+            return result
 
     def _dispatch(self, tasks: deque[_Task], completions: list[str], rows: list[dict[str, Any]]) -> None:
         for w in list(self._workers):
@@ -304,6 +326,7 @@ class RewardScorer:
         if not watched:
             return
         deadline = min(w.deadline if w.ready else w.start_deadline for w in watched)
+        deadline = min(deadline, time.monotonic() + POLL_S)
         readable = wait([w.conn for w in watched], timeout=max(0.0, deadline - time.monotonic()))
         for w in watched:
             if w.conn in readable:
@@ -330,15 +353,38 @@ class RewardScorer:
                     f"× {len(task.indices)} sample(s)); the worker was killed and replaced"
                 )
                 self._settle(task, ("timeout", note), elapsed, job)
+            elif w.ready and w.task is not None:
+                self._check_limits(w, job)
+
+    def _check_limits(
+        self, w: _Worker, job: tuple[deque[_Task], list[_TermState], list[str], list[dict[str, Any]]] | None
+    ) -> None:
+        """A busy worker above the memory limit is killed and its call masked ('memory'); output bounded."""
+        w.output.poll()
+        used, limit = resident_mib(w.process.pid), self.config.max_worker_memory_mb
+        if used <= limit or w.task is None:
+            return
+        assert job is not None
+        task, elapsed = w.task, time.monotonic() - w.sent_at
+        self._replace(w)
+        note = (
+            f"used {used:.0f} MiB, above rewards.max_worker_memory_mb={limit}; the worker was killed and "
+            f"replaced (a reward that leaks or builds large objects; raise the limit if it is expected)"
+        )
+        self._settle(task, ("memory", note), elapsed, job)
 
     def _on_start(self, w: _Worker) -> None:
         try:
             _, errors = w.conn.recv()
         except (EOFError, OSError):
+            code = w.exit_code()
+            said = w.output.flush("a reward worker that died while starting").decode(errors="replace")
+            said = "\n".join(said.strip().splitlines()[-20:])
             raise RewardError(
-                f"a reward worker died while starting (exit code {w.exit_code()}) before importing "
-                f"{self._functions}; its stderr above says why"
+                f"a reward worker died while starting (exit code {code}) before importing "
+                f"{self._functions}; it printed:\n{said}"
             ) from None
+        w.output.flush("a reward worker starting")
         if errors:
             raise RewardConfigError("\n".join(errors.values()))
         w.ready = True
@@ -360,6 +406,9 @@ class RewardScorer:
             self._replace(w)
         else:
             w.task, w.deadline = None, math.inf
+            w.output.flush(_describe(self._terms[task.term]))
+            if resident_mib(w.process.pid) > self.config.max_worker_memory_mb:
+                self._replace(w)  # memory kept between calls (a leak): restart before the next call
         self._settle(task, reply, time.monotonic() - w.sent_at, job)
 
     def _settle(

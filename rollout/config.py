@@ -7,42 +7,61 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from grpo_ray.config_base import Strict
+from grpo_ray.config_base import MAX_TOKENS, MAX_WORKERS, Strict
 
 
 class SamplingConfig(Strict):
     temperature: float = Field(
-        1.0, gt=0, description="Sampling temperature; the learner divides its logits by it too."
+        1.0, gt=0, le=100, description="Sampling temperature; the learner divides its logits by it too."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; keep 1.0 for unbiased GRPO.")
-    top_k: int = Field(-1, description="Top-k sampling; -1 disables it (keep it off for unbiased GRPO).")
-    max_new_tokens: int = Field(
-        64, ge=1, description="Longest completion; longer ones are truncated and counted."
+    top_k: int = Field(
+        -1,
+        ge=-1,
+        le=MAX_TOKENS,
+        description="Top-k sampling; -1 disables it (keep it off for unbiased GRPO).",
     )
+    max_new_tokens: int = Field(
+        64, ge=1, le=MAX_TOKENS, description="Longest completion; longer ones are truncated and counted."
+    )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("top_k = 0 keeps no token; use -1 to disable top-k, or a positive k")
+        return value
 
 
 class RolloutConfig(Strict):
     num_workers: int = Field(
-        2, ge=1, description="Number of RolloutWorker actors, each owning one vLLM engine."
+        2, ge=1, le=MAX_WORKERS, description="Number of RolloutWorker actors, each owning one vLLM engine."
     )
-    num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved for each rollout worker.")
+    num_cpus_per_worker: float = Field(
+        1.0, gt=0, le=1024, description="Ray CPUs reserved for each rollout worker."
+    )
     num_gpus_per_worker: float = Field(
-        0.0, ge=0, description="Ray GPUs reserved for each rollout worker (0 on CPU)."
+        0.0, ge=0, le=64, description="Ray GPUs reserved for each rollout worker (0 on CPU)."
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, description="vLLM tensor parallelism inside one rollout worker."
+        1, ge=1, le=64, description="vLLM tensor parallelism inside one rollout worker."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype the engine runs in; merged weights are built in it."
     )
-    max_model_len: int = Field(512, ge=16, description="Longest prompt+completion the engine accepts.")
+    max_model_len: int = Field(
+        512, ge=16, le=MAX_TOKENS, description="Longest prompt+completion the engine accepts."
+    )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="GPU only: fraction of device memory vLLM may take (split placement)."
     )
     kv_cache_mb: int = Field(
-        256, ge=1, description="CPU only: KV cache size in MiB (vLLM's RAM fraction is unsafe on CPU)."
+        256,
+        ge=1,
+        le=1 << 24,  # 16 TiB
+        description="CPU only: KV cache size in MiB (vLLM's RAM fraction is unsafe on CPU).",
     )
     enforce_eager: bool = Field(
         True, description="Skip CUDA graph / compile warm-up; faster start, slower decode."
@@ -50,7 +69,9 @@ class RolloutConfig(Strict):
     enable_prefix_caching: bool = Field(
         True, description="Share the prompt's KV cache across the group's samples."
     )
-    threads_per_worker: int = Field(1, ge=1, description="CPU only: torch/OpenMP threads each engine uses.")
+    threads_per_worker: int = Field(
+        1, ge=1, le=1024, description="CPU only: torch/OpenMP threads each engine uses."
+    )
     worker_merge_base: Literal["device", "host"] = Field(
         "device",
         description="sync: worker_merge: keep the packed base on the engine's GPU (~0.52 B/param of its "

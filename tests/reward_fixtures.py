@@ -69,3 +69,32 @@ def always_raises(completions: list[str], rows: list[dict[str, Any]], **kwargs: 
 
 
 NOT_CALLABLE = 42
+
+
+_LEAKED: list[bytes] = []
+
+
+def leaks(completions: list[str], rows: list[dict[str, Any]], *, mib: int = 64) -> list[float | None]:
+    """1.0, but keeps `mib` MiB per call alive in a module global (a leak); written, so it is resident."""
+    _LEAKED.append(b"\x01" * (mib << 20))
+    return [1.0] * len(completions)
+
+
+def balloons(completions: list[str], rows: list[dict[str, Any]], **kwargs: Any) -> list[float | None]:
+    """1.0, but a row with "balloon": N holds N MiB for a while inside the call."""
+    for row in rows:
+        if row.get("balloon"):
+            held = b"\x01" * (int(row["balloon"]) << 20)
+            time.sleep(3.0)
+            del held
+    return [1.0] * len(completions)
+
+
+def chatty(completions: list[str], rows: list[dict[str, Any]], *, mib: int = 10) -> list[float | None]:
+    """1.0, after printing `mib` MiB through Python's stdout and a line through fd 2 (native code)."""
+    import sys
+
+    sys.stdout.write(("x" * 1023 + "\n") * (mib * 1024))
+    sys.stdout.flush()
+    os.write(2, b"native stderr line, the last thing printed\n")
+    return [1.0] * len(completions)

@@ -5,15 +5,17 @@ Everything here runs before any model or actor starts, so a bad row stops the ru
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, DataConfig, resolve_project_path
+from cluster.config import ConfigError, DataConfig
+from cluster.data.files import FileRows, read_files
 
-_READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -33,31 +35,30 @@ class PromptSet:
     source: str
 
 
-def read_rows(files: list[str]) -> list[dict[str, Any]]:
-    """All rows of local JSONL/Parquet/CSV files, through `datasets` (one code path for every format)."""
-    import datasets
-
-    paths = [resolve_project_path(f) for f in files]
-    for path in paths:
-        if not path.exists():
-            raise ConfigError(f"data file '{path}' not found; check data.train_files / data.eval_files")
-    suffixes = {p.suffix for p in paths}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in _READERS:
-        raise ConfigError(f"data files must share one format of {sorted(_READERS)}; got {sorted(suffixes)}")
-    datasets.disable_progress_bars()
-    dataset = datasets.load_dataset(
-        _READERS[next(iter(suffixes))], data_files=[str(p) for p in paths], split="train"
-    )
-    return [dict(row) for row in dataset]
+def read_rows(files: list[str], on_bad_row: str = "error") -> FileRows:
+    """All rows of local JSONL/JSON/CSV/Parquet files, each tagged with its file and line."""
+    return read_files(files, on_bad_row)
 
 
 def extract_gold(raw: Any, gold_format: str) -> str:
+    """The gold answer string of a row's answer field; ValueError for a value that holds no answer."""
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError(
+            f"the answer is a {type(raw).__name__} ({_short(raw)}), not a string or a number; point "
+            "data.answer_field at the field holding the answer text"
+        )
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ValueError(f"the answer is {raw}, not a number")
     text = str(raw).strip()
+    if not text:
+        raise ValueError("the answer is empty")
     if gold_format == "gsm8k":
         _, sep, after = text.rpartition("####")
         if not sep:
             raise ValueError("no '####' marker")
         text = after.strip()
+        if not text:
+            raise ValueError("nothing after the '####' marker")
     return re.sub(r"(?<=\d),(?=\d{3})", "", text)
 
 
@@ -87,33 +88,48 @@ def load_split(cfg: DataConfig, which: str, seed: int, tokenizer: Any) -> Prompt
         files = cfg.train_files if which == "train" else cfg.eval_files
         if not files:
             return None
-        rows, source = read_rows(files), ", ".join(Path(f).name for f in files)
+        read = read_rows(files, cfg.on_bad_row)
+        source = ", ".join(Path(f).name for f in files)
+        return build_prompts(
+            read.rows, cfg, tokenizer, seed, source, where=read.where, skipped_lines=read.skipped_lines
+        )
     return build_prompts(rows, cfg, tokenizer, seed, source)
 
 
 def build_prompts(
-    rows: list[dict[str, Any]], cfg: DataConfig, tokenizer: Any, seed: int, source: str = "rows"
+    rows: list[dict[str, Any]],
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    source: str = "rows",
+    where: list[str] | None = None,
+    skipped_lines: int = 0,
 ) -> PromptSet:
-    """Rows -> token-id prompts, shuffled with the run's seed; too-long prompts dropped and counted."""
+    """Rows -> token-id prompts, shuffled with the run's seed; too-long prompts dropped and counted.
+
+    A bad row (missing field, empty or non-text question, answer that is not a string or number)
+    raises ConfigError naming it (`where[i]`, else `source row i`), or is skipped and counted
+    (`skipped_lines`: lines the file reader already skipped, counted with them).
+    """
     prompts: list[Prompt] = []
-    dropped = skipped = 0
+    dropped, skipped = 0, skipped_lines
     for index, row in enumerate(rows):
         try:
             # `datasets` fills a field some rows lack with None, so None counts as missing.
             question, answer = (_field(row, name) for name in (cfg.question_field, cfg.answer_field))
             gold = extract_gold(answer, cfg.gold_format)
-            if str(question).strip() == "":
-                raise ValueError(f"empty '{cfg.question_field}'")
+            messages = render_messages(cfg, question)
         except (KeyError, ValueError) as err:
             if cfg.on_bad_row == "skip":
                 skipped += 1
                 continue
             missing = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            named = where[index] if where is not None else f"{source} row {index}"
             raise ConfigError(
-                f"{source} row {index}: {missing} (fields present: {sorted(row)}); fix the row, point "
+                f"{named}: {missing} (fields present: {sorted(row)}); fix the row, point "
                 f"data.question_field / data.answer_field at the right fields, or set data.on_bad_row: skip"
             ) from None
-        token_ids = encode_prompt(tokenizer, cfg, str(question))
+        token_ids = encode_messages(tokenizer, messages)
         if len(token_ids) > cfg.max_prompt_tokens:
             dropped += 1
             continue
@@ -133,11 +149,68 @@ def _field(row: dict[str, Any], name: str) -> Any:
     return row[name]
 
 
-def encode_prompt(tokenizer: Any, cfg: DataConfig, question: str) -> list[int]:
-    """Chat template applied once; exactly one BOS when the tokenizer has one."""
-    messages = [{"role": "user", "content": cfg.user_template.format(question=question)}]
-    if cfg.system_prompt:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def render_messages(cfg: DataConfig, question: Any) -> list[dict[str, str]]:
+    """The chat messages of one prompt. ValueError names what is wrong with the question value.
+
+    A string question becomes one user message through `data.user_template`. A list of chat
+    messages (`[{"role": ..., "content": ...}]`, the hub's conversational format) is kept as it is,
+    except that its LAST user message goes through `user_template` like a string question would;
+    `data.system_prompt` is prepended unless the row has its own system message. The list must end
+    with a user message (the model answers it).
+    """
+    if isinstance(question, str):
+        if not question.strip():
+            raise ValueError(f"empty '{cfg.question_field}'")
+        messages = [{"role": "user", "content": question}]
+    elif isinstance(question, list):
+        messages = _chat_messages(cfg.question_field, question)
+    else:
+        raise ValueError(
+            f"'{cfg.question_field}' is a {type(question).__name__} ({_short(question)}), not a string or a "
+            "list of chat messages"
+        )
+    last = messages[-1]
+    messages[-1] = {"role": "user", "content": cfg.user_template.format(question=last["content"])}
+    if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def _chat_messages(name: str, items: list[Any]) -> list[dict[str, str]]:
+    if not items:
+        raise ValueError(f"'{name}' is an empty list of chat messages")
+    messages = []
+    for k, item in enumerate(items):
+        if (
+            not isinstance(item, dict)
+            or item.get("role") not in _ROLES
+            or not isinstance(item.get("content"), str)
+        ):
+            raise ValueError(
+                f"'{name}' message {k} ({_short(item)}) is not a chat message "
+                f"{{'role': one of {list(_ROLES)}, 'content': text}}"
+            )
+        messages.append({"role": item["role"], "content": item["content"]})
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ValueError(
+            f"'{name}' must end with a non-empty user message (the model answers it); it ends with "
+            f"a {messages[-1]['role']} message"
+        )
+    return messages
+
+
+def encode_prompt(tokenizer: Any, cfg: DataConfig, question: Any) -> list[int]:
+    """A question (string or chat messages) rendered and tokenized; see `render_messages`."""
+    return encode_messages(tokenizer, render_messages(cfg, question))
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat template applied once; exactly one BOS when the tokenizer has one."""
     if tokenizer.chat_template is None:
         raise ConfigError(
             "the model's tokenizer has no chat template; use an instruct model or add a chat_template "

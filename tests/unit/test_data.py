@@ -37,7 +37,7 @@ def _write(tmp_path: Path, rows: list[dict[str, Any]]) -> str:
 
 def test_bad_row_is_named(tmp_path: Path) -> None:
     files = [_write(tmp_path, [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])]
-    with pytest.raises(ConfigError, match=r"row 1: missing field 'answer'.*on_bad_row: skip"):
+    with pytest.raises(ConfigError, match=r"rows\.jsonl line 2: missing field 'answer'.*on_bad_row: skip"):
         load_split(DataConfig(train_files=files), "train", 0, CharTokenizer())
 
 
