@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", help="YAML run config")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    check.add_argument("--device-gib", type=float, default=24.0, help="GPU memory to plan for (default 24)")
+    check.add_argument(
+        "--device-gib",
+        type=float,
+        default=None,
+        help="GPU memory to plan for (default: the config's gpu_memory_gib, else 24)",
+    )
 
     evaluate = commands.add_parser(
         "eval", help="held-out accuracy of a run's adapter (or any PEFT adapter dir)"
@@ -105,8 +110,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(cfg: RunConfig, device_gib: float) -> None:
+def _check(cfg: RunConfig, device_gib: float | None) -> None:
     from cluster.planning.batch_plan import derive_plan
+
+    if device_gib is None:
+        device_gib = cfg.gpu_memory_gib or 24.0
 
     print(derive_plan(cfg).render(cfg))
     try:
@@ -125,7 +133,7 @@ def _check(cfg: RunConfig, device_gib: float) -> None:
     memory = plan_memory(inputs_from_config(cfg, shape, device_gib))
     print(memory.render())
     if not memory.fits:
-        raise ConfigError(f"the run does not fit in {device_gib:g} GiB:\n  " + "\n  ".join(memory.advice))
+        raise ConfigError(memory.refusal())
     print("config ok")
 
 

@@ -14,6 +14,11 @@ TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
+def default_logprob_chunk_tokens(vocab_size: int) -> int:
+    """2^27 / (4 V) tokens rounded down to a multiple of 32, at least 32: ~128 MiB of fp32 logits."""
+    return max(32, (2**27 // (4 * vocab_size)) // 32 * 32)
+
+
 class LoraSettings(Strict):
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -118,7 +123,7 @@ class LearnerConfig(Strict):
         """
         if self.logprob_chunk_tokens is not None:
             return self.logprob_chunk_tokens
-        return max(32, (2**27 // (4 * vocab_size)) // 32 * 32)
+        return default_logprob_chunk_tokens(vocab_size)
 
     @model_validator(mode="after")
     def _sharing_needs_a_cache(self) -> LearnerConfig:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster.planning.shapes import LINEAR_NAMES, ModelShape
+from learner.config import default_logprob_chunk_tokens
 
 if TYPE_CHECKING:
     from cluster.config import RunConfig
@@ -41,6 +42,9 @@ class MemoryInputs:
     device_bytes: int
     placement: str  # "colocate" | "split"
     enforce_eager: bool = True  # False: vLLM captures CUDA graphs (CUDA_GRAPH_BYTES more)
+    # learner.logprob_chunk_tokens: tokens per log-probability chunk; None = the learner's default for
+    # this vocabulary, 0 = unchunked (the whole [tokens x vocab] logits at once)
+    logprob_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in ("nf4", "none"):
@@ -62,6 +66,13 @@ class MemoryInputs:
             raise ValueError(
                 f"cannot size LoRA on {unknown}: the planner knows the decoder linears {list(LINEAR_NAMES)}"
             )
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per log-probability chunk as the learner resolves it (0 = unchunked)."""
+        if self.logprob_chunk_tokens is not None:
+            return self.logprob_chunk_tokens
+        return default_logprob_chunk_tokens(self.shape.vocab_size)
 
     @property
     def sequence_tokens(self) -> int:
@@ -92,4 +103,5 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, device_gib: float = 24
         device_bytes=int(device_gib * GiB),
         placement=cfg.placement,
         enforce_eager=rollout.enforce_eager,
+        logprob_chunk_tokens=learner.logprob_chunk_tokens,
     )

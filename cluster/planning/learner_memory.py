@@ -101,17 +101,30 @@ def activation_bytes(inputs: MemoryInputs) -> int:
 
 
 def logits_bytes(inputs: MemoryInputs) -> int:
-    """Peak of the logits path in `learner/logprobs.py` for one micro-batch: B * V * (c*L + 24*T).
+    """Peak of the log-probability path for one micro-batch (B sequences, T = max_new_tokens scored
+    tokens each, N = B*T, V vocabulary entries, h hidden size, c-byte compute dtype).
 
-    c*B*L*V   the lm_head output over the whole sequence (alive until the completion slice is taken)
-    4*B*T*V   the completion slice upcast to fp32 and divided by the temperature (T = max_new_tokens)
-    4*B*T*V   log_softmax output, saved for backward
-    16*B*T*V  the entropy metric (`entropy_from_logits`): log p, p, the masked log p and p * log p, all
-              fp32 and alive at once. Chunking that metric over T would remove this term.
-    Backward needs less: 12*B*T*V + c*B*L*V while the forward's 16*B*T*V is gone.
+    Chunked (`learner/chunked_logprobs.py`, C = min(chunk_tokens, N) tokens per chunk):
+      8*C*V     one chunk's fp32 logits and their log-softmax (then log p and p; then p becomes the
+                gradient in place), alive at once; the compute-dtype matmul output (c*C*V) and the
+                cast before the gradient matmul (c*C*V) each live beside only one of them
+    + 3*N*h*c   the final hidden states at the scored positions, the masked copy the chunks read, and
+                the saved per-token gradient J (d logp_t / d h_t), all [N, h]
+    The backward holds only [N, h]-sized tensors (g * J and its scatter back): less than the forward.
+
+    Unchunked (learner.logprob_chunk_tokens 0, the whole [B, T, V] at once): B * V * (c*L + 24*T)
+      c*B*L*V   the lm_head output over the whole sequence (alive until the completion slice is taken)
+      4*B*T*V   the completion slice upcast to fp32 and divided by the temperature
+      4*B*T*V   log_softmax output, saved for backward
+      16*B*T*V  the entropy metric (`entropy_from_logits`): log p, p, the masked log p and p * log p,
+                all fp32 and alive at once
     """
-    b, v = inputs.micro_batch_size, inputs.shape.vocab_size
-    return b * v * (inputs.compute_bytes * inputs.sequence_tokens + 24 * inputs.max_new_tokens)
+    b, v, c = inputs.micro_batch_size, inputs.shape.vocab_size, inputs.compute_bytes
+    chunk = inputs.chunk_tokens
+    if chunk == 0:
+        return b * v * (c * inputs.sequence_tokens + 24 * inputs.max_new_tokens)
+    tokens = b * inputs.max_new_tokens
+    return 8 * min(chunk, tokens) * v + 3 * tokens * inputs.shape.hidden_size * c
 
 
 LORA_BYTES = 4  # fp32 adapter weights (and so fp32 grads and AdamW moments)

@@ -70,6 +70,11 @@ class MemoryPlan:
         lines += [f"  - {item}" for item in self.advice]
         return "\n".join(lines)
 
+    def refusal(self) -> str:
+        """What `grpo-ray check` and `train` say about a plan that does not fit: the shortfall and
+        the knobs, each with the bytes it frees."""
+        return f"the run does not fit in {self.device_bytes / GiB:g} GiB:\n  " + "\n  ".join(self.advice)
+
     def _phase_lines(self) -> list[str]:
         train, generate = self.phases["train"], self.phases["generate"]
         if self.placement == "split":
@@ -174,15 +179,26 @@ def _train_advice(inputs: MemoryInputs, train: int) -> list[str]:
         both = _largest_fitting_micro(checkpointed)
         if both:
             items.append(f"with gradient_checkpointing on, micro_batch_size {both} fits")
-    items.append(
-        f"the logits path takes {_gib(logits_bytes(inputs))} GiB (micro-batch {inputs.micro_batch_size} x "
-        f"vocab {inputs.shape.vocab_size} x {inputs.max_new_tokens} new tokens, mostly fp32): it shrinks "
-        f"with rollout.sampling.max_new_tokens and micro_batch_size"
-    )
+    items.append(_logits_advice(inputs, train))
     if inputs.quantization == "none":
         saved = train - _phases_of(replace(inputs, quantization="nf4"))["train"]
         items.append(f"set learner.quantization: nf4 (saves {_gib(saved)} GiB)")
     return items
+
+
+def _logits_advice(inputs: MemoryInputs, train: int) -> str:
+    logits = _gib(logits_bytes(inputs))
+    if inputs.chunk_tokens == 0:
+        saved = train - _phases_of(replace(inputs, logprob_chunk_tokens=None))["train"]
+        return (
+            f"the logits path takes {logits} GiB (micro-batch {inputs.micro_batch_size} x vocab "
+            f"{inputs.shape.vocab_size} x {inputs.max_new_tokens} new tokens, mostly fp32): remove "
+            f"learner.logprob_chunk_tokens: 0 to compute them in chunks (saves {_gib(saved)} GiB)"
+        )
+    return (
+        f"the logits path takes {logits} GiB (chunks of {inputs.chunk_tokens} tokens x vocab "
+        f"{inputs.shape.vocab_size}, fp32): a smaller learner.logprob_chunk_tokens shrinks it"
+    )
 
 
 def _largest_fitting_micro(inputs: MemoryInputs) -> int | None:
