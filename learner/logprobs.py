@@ -221,7 +221,12 @@ def output_layer_as_identity(model: Any) -> Iterator[torch.nn.Linear]:
             f"chunked log-probabilities need a plain linear output layer, found {type(head).__name__}: "
             "set learner.logprob_chunk_tokens: 0, or leave lm_head out of learner.lora.target_modules"
         )
-    name = next(n for n, m in lm.named_children() if m is head)
+    name = next((n for n, m in lm.named_children() if m is head), None)
+    if name is None:
+        raise ValueError(
+            f"{type(lm).__name__}'s output layer is not one of its direct children, so it cannot be "
+            "swapped out for chunked log-probabilities: set learner.logprob_chunk_tokens: 0"
+        )
     setattr(lm, name, torch.nn.Identity())
     try:
         yield head

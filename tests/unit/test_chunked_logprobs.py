@@ -98,6 +98,18 @@ def test_chunked_logprobs_and_lora_gradients_equal_the_unchunked_path(
             torch.testing.assert_close(a, b, atol=20 * vocab * U32 * float(b.abs().max()), rtol=0)
 
 
+def test_single_token_completions_chunked(tiny_model: Path) -> None:
+    # the shared layout then runs only the prompt forward (logits_to_keep): same values either way
+    policy = _policy(tiny_model, "none")
+    prompts, completions = [[5, 6, 7], [5, 6, 7], [9]], [[1], [2], [3]]
+    for make in (pack, pack_sharing_prompts):
+        packed = make(prompts, completions, 0, "cpu")
+        with torch.no_grad():
+            full, _ = completion_logprobs(policy, packed, TAU, chunk_tokens=0)
+            got, _ = completion_logprobs(policy, packed, TAU, chunk_tokens=2)
+        torch.testing.assert_close(got, full, atol=4 * 128 * U32 * _logit_scale(policy, packed) / TAU, rtol=0)
+
+
 def test_the_chunked_function_is_the_log_softmax_gradient_in_float64() -> None:
     # float64 (u = 2^-53): every difference is rounding of ~ (H + V) terms, < 1e-12 here.
     gen = torch.Generator().manual_seed(0)
