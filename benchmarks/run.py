@@ -14,6 +14,7 @@ scripts/build_bench_model.py (built here on first use). Sections:
 4. learner_efficiency  Learner.train_step vs plain PEFT forward + backward      (goal >= 0.9x)
 5. breakdown           grpo-ray's step split: generate / reward / train / sync / idle (from the e2e runs)
 6. limits              each phase's useful FLOPs vs this machine's measured float32 GEMM rate
+7. chunked_logprobs    train_step peak memory unchunked vs chunked logprobs (152k vocab), speed, planner
 
 `--only SECTION ...` re-measures those sections and keeps the others of an existing OUT/results.json.
 
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    chunked_logprobs,
     e2e,
     learner_efficiency,
     limits,
@@ -59,7 +61,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
 )
 
-SECTIONS = ("e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "limits")
+SECTIONS = ("e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "limits", "chunked_logprobs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_model(settings.model, "bench")
     if settings.big and "sync_cost" in args.only:
         ensure_model(settings.big_model, "qwen2.5-0.5b")
+    if "chunked_logprobs" in args.only:
+        ensure_model(chunked_logprobs.VOCAB_MODEL, "bench-vocab152k")
     start = time.perf_counter()
     results: dict[str, Any] = {
         "settings": settings.to_json(),
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 section = sync_cost.run(settings, results["sections"].get("e2e"))
             elif name == "limits":
                 section = limits.run(settings, results["sections"].get("e2e"))
+            elif name == "chunked_logprobs":
+                section = chunked_logprobs.run(settings)
             else:
                 section = learner_efficiency.run(settings)
         except ChildFailed as err:
@@ -224,6 +230,7 @@ def render(results: dict[str, Any]) -> list[str]:
         ("learner_efficiency", learner_efficiency.markdown),
         ("e2e", e2e.breakdown_markdown),
         ("limits", limits.markdown),
+        ("chunked_logprobs", chunked_logprobs.markdown),
     ]
     for name, renderer in renderers:
         if name in sections:
@@ -270,6 +277,19 @@ def _goal_rows(sections: dict[str, Any]) -> list[str]:
                     f"| learner tokens/s, train_step / plain PEFT ({q}{label}) | {fmt_range(r, 3, unit='x')} | >= 0.9x | "
                     f"{goal_check(r['median'], 0.9)} |"
                 )
+    if "chunked_logprobs" in sections:
+        section = sections["chunked_logprobs"]
+        for length, cell in section["memory"].items():
+            shrink = cell["logits_shrink"]
+            rows.append(
+                f"| train_step logits memory, unchunked / chunked ({length} new tokens, 152k vocab) | "
+                f"{shrink:.1f}x | >= {chunked_logprobs.MEMORY_GOAL:.0f}x | {goal_check(shrink, chunked_logprobs.MEMORY_GOAL)} |"
+            )
+        r = section["speed"]["ratio"]
+        rows.append(
+            f"| learner tokens/s, chunked / unchunked logprobs (bench) | {fmt_range(r, 3, unit='x')} | "
+            f">= {chunked_logprobs.SPEED_GOAL:.2f}x | {goal_check(r['median'], chunked_logprobs.SPEED_GOAL)} |"
+        )
     return rows
 
 

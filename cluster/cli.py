@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", help="YAML run config")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    check.add_argument("--device-gib", type=float, default=24.0, help="GPU memory to plan for (default 24)")
+    check.add_argument(
+        "--device-gib",
+        type=float,
+        default=None,
+        help="GPU memory to plan for (default: the config's gpu_memory_gib, else 24)",
+    )
 
     evaluate = commands.add_parser(
         "eval", help="held-out accuracy of a run's adapter (or any PEFT adapter dir)"
@@ -119,9 +124,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(cfg: RunConfig, device_gib: float) -> None:
+def _check(cfg: RunConfig, device_gib: float | None) -> None:
     from cluster.planning.batch_plan import derive_plan
     from cluster.planning.model_limits import check_model_limits
+
+    if device_gib is None:
+        device_gib = cfg.gpu_memory_gib or 24.0
 
     print(derive_plan(cfg).render(cfg))
     check_model_limits(cfg)  # the model's own limits (context length, heads), named with both numbers
@@ -146,7 +154,7 @@ def _check(cfg: RunConfig, device_gib: float) -> None:
     if advice:
         print(advice)
     if not memory.fits:
-        raise ConfigError(f"the run does not fit in {device_gib:g} GiB:\n  " + "\n  ".join(memory.advice))
+        raise ConfigError(memory.refusal())
     print("config ok")
 
 

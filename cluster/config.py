@@ -191,6 +191,13 @@ class RunConfig(Strict):
         False,
         description="Also require the 'learner' / 'rollout' node resources cluster/cluster.yaml defines.",
     )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of each GPU the run uses (the learner's and every engine's), GiB: `train` "
+        "checks the memory plan against it before starting any actor, `check` plans for it. null: "
+        "colocate reads the local GPU at start; split is not checked.",
+    )
     ray_address: str | None = Field(
         None,
         description="Ray cluster address ('auto': the running one); null: $RAY_ADDRESS, else a new local Ray.",

@@ -68,7 +68,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     run_dir = cfg.run_dir
     checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _size_colocated_engine(cfg, model, echo)
+    _check_device_memory(cfg, model, echo)
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
@@ -218,23 +218,35 @@ def _open_session(
     return _Session(cfg, learner, pool, scorer, sink, held_out, echo)
 
 
-def _size_colocated_engine(cfg: RunConfig, model: str, echo: Any) -> None:
-    """Colocate on a GPU: vLLM's memory fraction comes from the memory plan, not a guess.
+def _check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
+    """Before any actor starts: the memory plan `grpo-ray check` prints, for the devices whose size is
+    known; a plan that does not fit is refused with the same advice.
 
-    Refuses to start a run the plan says will not fit, with the knobs to turn.
+    colocate with a visible GPU: that GPU's size, and vLLM's memory fraction comes from the plan, not
+    a guess. Otherwise (split, whose GPUs are on other nodes): the config's gpu_memory_gib; unset, the
+    run is not checked.
     """
     import torch
 
-    if cfg.placement != "colocate" or not torch.cuda.is_available():
+    local_gpu = cfg.placement == "colocate" and torch.cuda.is_available()
+    if local_gpu:
+        device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    elif cfg.gpu_memory_gib is not None:
+        device_gib = cfg.gpu_memory_gib
+    else:
         return
-    from cluster.planning.memory import ModelShape, inputs_from_config, plan_memory
+    from cluster.planning.memory import ModelShape, ModelShapeError, inputs_from_config, plan_memory
 
-    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    plan = plan_memory(inputs_from_config(cfg, ModelShape.from_pretrained(model), device_gib))
+    try:
+        shape = ModelShape.from_pretrained(model)
+    except ModelShapeError as err:
+        raise ConfigError(f"memory check before start: {err}") from None
+    plan = plan_memory(inputs_from_config(cfg, shape, device_gib))
     echo(plan.render())
     if not plan.fits:
-        raise ConfigError(f"the run does not fit in {device_gib:.1f} GiB:\n  " + "\n  ".join(plan.advice))
-    cfg.rollout.gpu_memory_utilization = plan.gpu_memory_utilization
+        raise ConfigError(plan.refusal())
+    if local_gpu:
+        cfg.rollout.gpu_memory_utilization = plan.gpu_memory_utilization
 
 
 def _model_path(cfg: RunConfig) -> str:

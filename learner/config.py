@@ -17,6 +17,11 @@ TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
+def default_logprob_chunk_tokens(vocab_size: int) -> int:
+    """2^27 / (4 V) tokens rounded down to a multiple of 32, at least 32: ~128 MiB of fp32 logits."""
+    return max(32, (2**27 // (4 * vocab_size)) // 32 * 32)
+
+
 class LoraSettings(Strict):
     rank: int = Field(16, ge=1, le=4096, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -104,6 +109,13 @@ class LearnerConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    logprob_chunk_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens per chunk when log-probabilities are computed from the final hidden states "
+        "(output layer, log-softmax and gather per chunk; no [tokens x vocab] logits are kept). null: "
+        "derived from the vocabulary size (`chunk_tokens_for`); 0: all tokens at once, the unchunked path.",
+    )
     share_prompt_forward: bool = Field(
         True,
         description="Run each distinct prompt of a micro-batch once and continue its completions from "
@@ -121,6 +133,17 @@ class LearnerConfig(Strict):
     )
     num_cpus: float = Field(1.0, ge=0, le=1024, description="Ray CPUs reserved for the learner.")
     threads: int = Field(2, ge=1, le=1024, description="CPU only: torch threads the learner uses.")
+
+    def chunk_tokens_for(self, vocab_size: int) -> int:
+        """Tokens per log-probability chunk for a vocabulary of `vocab_size` entries; 0 = unchunked.
+
+        The default holds one chunk's float32 logits to about 128 MiB: 2^27 / (4 V) tokens, rounded
+        down to a multiple of 32 (at least 32): 192 for Qwen2.5's 151,936 or 152,064 entries, and
+        104,832 for the 320-entry test vocabulary (one chunk per micro-batch).
+        """
+        if self.logprob_chunk_tokens is not None:
+            return self.logprob_chunk_tokens
+        return default_logprob_chunk_tokens(vocab_size)
 
     @model_validator(mode="after")
     def _sharing_needs_a_cache(self) -> LearnerConfig:

@@ -21,6 +21,7 @@ from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_l
 from learner.logprobs import (
     PackedSequences,
     PromptSharedSequences,
+    causal_lm,
     completion_logprobs,
     pack,
     pack_sharing_prompts,
@@ -51,6 +52,8 @@ class Learner:
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.updater: Updater = LocalUpdater(self.trainable, cfg)
         self.model: Any = self.policy  # what forwards run through (a rank's DeepSpeed engine wraps it)
+        # Log-probabilities are taken from the final hidden states this many tokens at a time.
+        self.chunk_tokens = cfg.chunk_tokens_for(causal_lm(self.policy).get_output_embeddings().out_features)
         self.loss_settings = LossSettings(
             clip_low=cfg.loss.clip_low,
             clip_high=cfg.loss.clip_high,
@@ -262,12 +265,16 @@ class Learner:
             packed = self._pack(rows, indices)
             if need_old:
                 self.policy.eval()
-                logprobs, _ = completion_logprobs(self.model, packed, self.temperature)
+                logprobs, _ = completion_logprobs(
+                    self.model, packed, self.temperature, chunk_tokens=self.chunk_tokens
+                )
                 self.policy.train()
                 old.update({i: logprobs[k] for k, i in enumerate(indices)})
             if self.cfg.loss.beta > 0:
                 with self.policy.disable_adapter():
-                    ref_logprobs, _ = completion_logprobs(self.policy, packed, self.temperature)
+                    ref_logprobs, _ = completion_logprobs(
+                        self.policy, packed, self.temperature, chunk_tokens=self.chunk_tokens
+                    )
                 ref.update({i: ref_logprobs[k] for k, i in enumerate(indices)})
         return {"old": old, "ref": ref}
 
@@ -287,7 +294,7 @@ class Learner:
             return {}
         packed = self._pack(rows, indices)
         logprobs_B_T, entropy_B_T = completion_logprobs(
-            self.model, packed, self.temperature, with_entropy=True
+            self.model, packed, self.temperature, with_entropy=True, chunk_tokens=self.chunk_tokens
         )
         width = logprobs_B_T.shape[1]
         mask_B_T = packed.completion_mask_B_T & valid_B[indices].to(self.device)[:, None]

@@ -1,21 +1,29 @@
 """Per-token logprobs of completions under the learner's model.
 
-Two layouts of a micro-batch, one interface (`completion_logits_B_T_V`):
+Two layouts of a micro-batch, one interface (`scoring_outputs`):
 
 * `PackedSequences`: every row is its prompt + completion, right-padded: the plain way.
 * `PromptSharedSequences`: each distinct prompt runs through the model once, and the completions
   sampled from it continue from its KV cache. A GRPO group's G completions share one prompt, so this
   saves G-1 prompt forwards (and their backward) per group. Gradients flow through the shared cache
   into the prompt's forward, so the result is the same function of the weights as the plain layout.
+
+Two ways to score, one result (`completion_logprobs`): chunked (the learner's default) runs the model
+with its output layer swapped for the identity, so the forward ends at the final hidden states, and
+learner/chunked_logprobs.py applies the output layer, log-softmax and gather a chunk of tokens at a
+time; unchunked (chunk_tokens 0) takes the [B, T, V] logits from the model, as a plain forward does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from learner.chunked_logprobs import chunked_token_logprobs
 from learner.grpo import entropy_from_logits
 
 
@@ -33,8 +41,9 @@ class PackedSequences:
     def completion_mask_B_T(self) -> torch.Tensor:
         return _length_mask(self.completion_lens_B, self.completion_ids_B_T.shape[1])
 
-    def completion_logits_B_T_V(self, model: Any) -> torch.Tensor:
-        """Logits that score completion token t of row b: those at position prompt_len_b - 1 + t."""
+    def scoring_outputs(self, model: Any) -> torch.Tensor:
+        """[B, T, D] model outputs that score completion token t of row b: those at position
+        prompt_len_b - 1 + t (D = vocab for logits, hidden size while the output layer is the identity)."""
         logits_B_L_V = model(input_ids=self.input_ids_B_L, attention_mask=self.attention_mask_B_L).logits
         steps_T = torch.arange(self.completion_ids_B_T.shape[1], device=logits_B_L_V.device)
         positions_B_T = (self.prompt_lens_B[:, None] - 1 + steps_T[None, :]).clamp(
@@ -58,8 +67,9 @@ class PromptSharedSequences:
     def completion_mask_B_T(self) -> torch.Tensor:
         return _length_mask(self.completion_lens_B, self.completion_ids_B_T.shape[1])
 
-    def completion_logits_B_T_V(self, model: Any) -> torch.Tensor:
-        """Prompt forward (keeping its cache), then the completions attend to that cache.
+    def scoring_outputs(self, model: Any) -> torch.Tensor:
+        """[B, T, D] as `PackedSequences.scoring_outputs`: the prompt forward (keeping its cache), then
+        the completions attend to that cache.
 
         Prompts are right-padded, so the cache has masked slots between a short prompt and its
         completion; completion positions are given explicitly (prompt_len + t), so rotary embeddings
@@ -145,14 +155,83 @@ def completion_logprobs(
     packed: PackedSequences | PromptSharedSequences,
     temperature: float,
     with_entropy: bool = False,
+    chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logprobs_B_T of each completion token given everything before it, at the sampling temperature."""
-    logits_B_T_V = packed.completion_logits_B_T_V(model).float() / temperature
+    """(logprobs_B_T, entropy_B_T or None) of each completion token given everything before it, at
+    the sampling temperature, float32.
+
+    chunk_tokens > 0: from the final hidden states, chunk_tokens scored tokens at a time
+    (learner/chunked_logprobs.py); padding positions are not scored and hold 0. chunk_tokens 0: the
+    whole [B, T, V] logits at once. `model` is the policy (a PEFT model), a DeepSpeed engine around
+    it, or a plain transformers causal LM.
+    """
+    if chunk_tokens > 0:
+        return _chunked(model, packed, temperature, with_entropy, chunk_tokens)
+    logits_B_T_V = packed.scoring_outputs(model).float() / temperature
     logprobs_B_T = (
         torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, packed.completion_ids_B_T[..., None]).squeeze(-1)
     )
     entropy_B_T = _entropy_by_row(logits_B_T_V.detach()) if with_entropy else None
     return logprobs_B_T, entropy_B_T
+
+
+def _chunked(
+    model: Any,
+    packed: PackedSequences | PromptSharedSequences,
+    temperature: float,
+    with_entropy: bool,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with output_layer_as_identity(model) as output_layer:
+        hidden_B_T_H = packed.scoring_outputs(model)
+    mask_B_T = packed.completion_mask_B_T
+    logprobs_N, entropy_N = chunked_token_logprobs(
+        hidden_B_T_H[mask_B_T],
+        output_layer,
+        packed.completion_ids_B_T[mask_B_T],
+        temperature,
+        chunk_tokens,
+        with_entropy,
+    )
+    zeros_B_T = torch.zeros(mask_B_T.shape, dtype=torch.float32, device=mask_B_T.device)
+    logprobs_B_T = zeros_B_T.masked_scatter(mask_B_T, logprobs_N)
+    entropy_B_T = zeros_B_T.masked_scatter(mask_B_T, entropy_N) if entropy_N is not None else None
+    return logprobs_B_T, entropy_B_T
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a DeepSpeed engine (`.module`) and/or a PEFT model."""
+    inner = getattr(model, "module", model)
+    get_base_model = getattr(inner, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else inner
+
+
+@contextmanager
+def output_layer_as_identity(model: Any) -> Iterator[torch.nn.Linear]:
+    """While open, `model(...)`'s `.logits` are the final (post-norm) hidden states: the output layer
+    is swapped for the identity, so no [tokens x vocab] tensor is made. Yields the output layer.
+
+    Swapping the module (rather than calling the decoder directly) keeps every forward going through
+    `model` itself, which a DeepSpeed engine needs: it hooks the backward on its forward's outputs.
+    """
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"chunked log-probabilities need a plain linear output layer, found {type(head).__name__}: "
+            "set learner.logprob_chunk_tokens: 0, or leave lm_head out of learner.lora.target_modules"
+        )
+    name = next((n for n, m in lm.named_children() if m is head), None)
+    if name is None:
+        raise ValueError(
+            f"{type(lm).__name__}'s output layer is not one of its direct children, so it cannot be "
+            "swapped out for chunked log-probabilities: set learner.logprob_chunk_tokens: 0"
+        )
+    setattr(lm, name, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(lm, name, head)
 
 
 def _right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Build the benchmark models: random-weight Qwen2 checkpoints made here, offline, from a fixed seed.
 
-    python scripts/build_bench_model.py [--out benchmarks/.model] [--shape bench|qwen2.5-0.5b]
+    python scripts/build_bench_model.py [--out benchmarks/.model] [--shape bench|bench-vocab152k|qwen2.5-0.5b]
 
 ``bench`` (the default, ~22.9M parameters): hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate
 1408, head_dim 64, with the shipped tiny model's tokenizer (assets/tiny-qwen2: vocab 320, Qwen chat
@@ -49,6 +49,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         intermediate_size=1408,
         head_dim=64,
         max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    # The bench shape with Qwen2.5's real 151,936-entry output layer (untied; ~178M parameters, 155M of
+    # them the embedding and the output layer): the chunked-logprobs memory benchmark.
+    "bench-vocab152k": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        head_dim=64,
+        max_position_embeddings=256,
+        vocab_size=151936,
         tie_word_embeddings=False,
     ),
     "qwen2.5-0.5b": dict(

@@ -20,7 +20,15 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = {"e2e", "rollout_overhead", "sync_cost", "learner_efficiency", "breakdown", "limits"}
+SECTIONS = {
+    "e2e",
+    "rollout_overhead",
+    "sync_cost",
+    "learner_efficiency",
+    "breakdown",
+    "limits",
+    "chunked_logprobs",
+}
 
 
 def _numbers(obj: Any) -> list[float]:

@@ -16,24 +16,18 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from cluster.planning.memory import (
-    CUDA_CONTEXT_BYTES,
-    LINEAR_NAMES,
-    QWEN25_SHAPES,
-    GiB,
-    MemoryInputs,
-    ModelShape,
-    ModelShapeError,
+from cluster.planning.engine_memory import kv_cache_bytes, vllm_headroom_bytes
+from cluster.planning.inputs import CUDA_CONTEXT_BYTES, GiB, MemoryInputs, inputs_from_config
+from cluster.planning.learner_memory import (
     activation_bytes,
-    inputs_from_config,
-    kv_cache_bytes,
     learner_resident,
+    logits_bytes,
     lora_params,
     nf4_tensor_bytes,
     nf4_weight_bytes,
-    plan_memory,
-    vllm_headroom_bytes,
 )
+from cluster.planning.shapes import LINEAR_NAMES, QWEN25_SHAPES, ModelShape, ModelShapeError
+from cluster.planning.verdict import plan_memory
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 Q15, Q3, Q7 = (QWEN25_SHAPES[f"Qwen2.5-{size}"] for size in ("1.5B", "3B", "7B"))
@@ -137,9 +131,27 @@ def test_3b_activations() -> None:
     assert activation_bytes(inputs(gradient_checkpointing=False)) == 14_779_920_384 + 45_088_768
 
 
-def test_3b_logits() -> None:
+def test_3b_logits_unchunked() -> None:
     # B * V * (2*L + 24*T) = 4 * 151936 * (2*768 + 24*512) = 4 * 151936 * 13,824
-    assert plan_memory(inputs()).learner["logits"] == 8_401_453_056
+    assert plan_memory(inputs(logprob_chunk_tokens=0)).learner["logits"] == 8_401_453_056
+
+
+def test_3b_logits_chunked() -> None:
+    # default chunk for V = 151936: 2^27 // (4V) = 220 -> 192 tokens; N = B*T = 4*512 = 2048 tokens
+    # 8 * C * V = 8 * 192 * 151936 = 233,373,696; 3 * N * h * c = 3 * 2048 * 2048 * 2 = 25,165,824
+    assert plan_memory(inputs()).learner["logits"] == 233_373_696 + 25_165_824 == 258_539_520
+    # a chunk larger than the micro-batch's tokens holds only those: C = min(4096, 2048)
+    assert logits_bytes(inputs(logprob_chunk_tokens=4096)) == 8 * 2048 * 151936 + 25_165_824
+
+
+def test_the_logits_line_is_under_1_gib_at_micro_batch_8() -> None:
+    # the target, for both shipped model sizes (bf16, 512 new tokens, default chunk 192)
+    for shape in (Q3, Q7):
+        logits = logits_bytes(inputs(shape, micro_batch_size=8))
+        assert logits <= GiB, (shape, logits / GiB)
+        # and it no longer grows with tokens x vocab: 4x the tokens adds only the [N, h] terms
+        longer = logits_bytes(inputs(shape, micro_batch_size=8, max_new_tokens=2048))
+        assert longer - logits == 3 * 8 * (2048 - 512) * shape.hidden_size * 2
 
 
 def test_no_quantization_keeps_every_weight_dense() -> None:
@@ -286,3 +298,20 @@ def test_inputs_from_config() -> None:
     assert got.device_bytes == 24 * GiB
     split = inputs_from_config(load_config(DEMO), Q3)
     assert split.rollout_sequences == 8 * 8  # 16 prompts over 2 engines
+
+
+def test_unchunked_logits_advice_names_the_chunk_knob() -> None:
+    plan = plan_memory(inputs(Q7, micro_batch_size=8, placement="split", logprob_chunk_tokens=0))
+    assert not plan.fits  # 7B at micro 8 with whole [tokens x vocab] logits: 15.7 GiB of them
+    text = "\n".join(plan.advice)
+    assert "remove learner.logprob_chunk_tokens: 0 to compute them in chunks (saves" in text
+    assert plan.refusal().startswith("the run does not fit in 24 GiB:\n  the training phase needs")
+
+
+@pytest.mark.parametrize("path", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_its_own_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan" in out and ": fits," in out and out.rstrip().endswith("config ok")
