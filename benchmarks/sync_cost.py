@@ -36,6 +36,7 @@ from benchmarks.common import (
     summary,
     train_prompts,
 )
+from grpo_ray.seeds import prompt_seeds
 
 GOAL = 0.02  # sync seconds / step seconds
 CELLS = [("merged", 1), ("merged", 2), ("adapter", 1), ("adapter", 2)]
@@ -165,7 +166,11 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
             for n in (2, 1):
                 part = RolloutPool(workers[:n], pool.nodes[:n])
                 begin = time.perf_counter()
-                generated = part.generate(prompts, w.group_size, seeds=driver._prompt_seeds(cfg, 1))
+                generated = part.generate(
+                    prompts,
+                    w.group_size,
+                    seeds=prompt_seeds(cfg.seed, 1, cfg.prompts_per_step, cfg.group_size),
+                )
                 generate_s = time.perf_counter() - begin
                 groups = groups or generated
                 seconds, loads = [], []

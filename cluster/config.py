@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from grpo_ray.config_base import Strict
 from learner.config import LearnerConfig
+from rewards.builtin import VERDICTS, check_correctness_name
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 
@@ -53,9 +54,10 @@ class DataConfig(Strict):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A row missing a needed field: stop with its index, or skip it and count it."
     )
-    correctness: Literal["numeric_match", "math_verify", "exact_match"] = Field(
+    correctness: str = Field(
         "numeric_match",
-        description="Built-in matcher that decides whether an answer is correct (accuracy, eval).",
+        description=f"What decides that an answer is correct (rollout/accuracy, eval): a built-in verdict "
+        f"({', '.join(VERDICTS)}) or 'module:function' returning 1.0 for correct; run by the reward scorer.",
     )
     eval_samples: int = Field(
         0,
@@ -66,6 +68,12 @@ class DataConfig(Strict):
     eval_max_prompts: int | None = Field(
         None, ge=1, description="Evaluate on at most this many held-out rows."
     )
+
+    @field_validator("correctness")
+    @classmethod
+    def _known_correctness(cls, function: str) -> str:
+        check_correctness_name(function)  # RewardConfigError is a ValueError: pydantic names the field
+        return function
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -140,6 +148,7 @@ class RunConfig(Strict):
                 f"data.max_prompt_tokens + rollout.sampling.max_new_tokens = {longest} exceeds "
                 f"rollout.max_model_len = {self.rollout.max_model_len}; raise max_model_len or lower one of the two"
             )
+        self.scored_rewards()  # a term named like the correctness term is refused here, at load
         if self.placement == "colocate" and self.learner.num_gpus > 1:
             raise ValueError(
                 f"placement 'colocate' shares ONE GPU, but learner.num_gpus = {self.learner.num_gpus}; "
@@ -151,6 +160,10 @@ class RunConfig(Strict):
                 f"rollout.num_workers = {self.rollout.num_workers}; set it to 1 or use placement 'split'"
             )
         return self
+
+    def scored_rewards(self) -> RewardsConfig:
+        """What the reward scorer runs: rewards.terms plus data.correctness as a weight-0 term."""
+        return self.rewards.with_correctness(self.data.correctness)
 
     @property
     def run_dir(self) -> Path:

@@ -28,8 +28,9 @@ from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
+from grpo_ray.seeds import eval_round_seed, prompt_seeds
 from rewards import RewardScorer
-from rewards.builtin import BUILTINS
+from rewards.config import CORRECTNESS_LABEL
 
 
 @dataclass
@@ -116,12 +117,19 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
         )
     out_dir = adapter_dir.parent / "eval"
     with ExitStack() as stack:
+        scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
         learner, pool = _start(cfg, model, tokenizer, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
         _sync(cfg, learner, pool, include_base=True)
         tag = f"adapter_{adapter_dir.parent.name}"
         values = evaluate(
-            pool, held_out, cfg.data.correctness, out_dir, tag, samples=cfg.data.eval_samples, seed=cfg.seed
+            pool,
+            held_out,
+            scorer,
+            out_dir,
+            tag,
+            samples=cfg.data.eval_samples,
+            seed=eval_round_seed(cfg.seed, 0),
         )
     return values["eval/accuracy"]
 
@@ -134,13 +142,14 @@ def _train_step(
     timer = _Timer()
     prompts = stream.take(cfg.prompts_per_step)
     with timer("generate"):
-        groups = session.pool.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
+        seeds = prompt_seeds(cfg.seed, step, cfg.prompts_per_step, cfg.group_size)
+        groups = session.pool.generate(prompts, cfg.group_size, seeds=seeds)
     with timer("reward"):
         rows = {p.index: p.row for p in prompts}
         flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
         texts = [c.text for g in groups for c in g.completions]
         scored = session.scorer.score(texts, flat_rows)
-        correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
+        correct = scored.per_term[CORRECTNESS_LABEL]
     rewards_P_G = _regroup(scored.rewards, cfg.group_size)
     batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
     colocated = cfg.placement == "colocate"
@@ -171,11 +180,11 @@ def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> 
     values = evaluate(
         session.pool,
         session.held_out,
-        cfg.data.correctness,
+        session.scorer,
         run_dir / "eval",
         f"step_{step:04d}",
         samples=cfg.data.eval_samples,
-        seed=cfg.seed + step,
+        seed=eval_round_seed(cfg.seed, step),
     )
     if log:
         session.sink.log(step, values)
@@ -215,7 +224,7 @@ def _open_session(
     stack: ExitStack,
     echo: Any,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.rewards))
+    scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
@@ -325,15 +334,6 @@ def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -
         version, checksum = _get(summary_ref)
         acks = pool.sync(update_ref, version, checksum)
     return version, acks
-
-
-def _prompt_seeds(cfg: RunConfig, step: int) -> list[int]:
-    # A seed per prompt slot, not per worker: the same step samples the same groups whatever the
-    # number of workers (vLLM gives the n samples of one request seeds seed..seed+n-1).
-    return [
-        ((cfg.seed * 1_000_003 + step) * 4099 + slot) * cfg.group_size % 2**31
-        for slot in range(cfg.prompts_per_step)
-    ]
 
 
 def _regroup(flat: list, group_size: int) -> list[list]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.data.prompts import Prompt
-from cluster.planning.batch_plan import split_evenly
+from grpo_ray.partition import even_counts, split_by_counts
 from grpo_ray.records import Group, SyncAck
 
 
@@ -24,13 +24,13 @@ class RolloutPool:
         """Contiguous slices per worker, results back in prompt order."""
         import ray
 
-        counts = _even_counts(len(prompts), len(self.workers))
+        counts = even_counts(len(prompts), len(self.workers))
         pairs = [(p.index, p.token_ids) for p in prompts]
-        seed_slices = split_evenly(seeds, counts) if seeds is not None else [None] * len(counts)
+        seed_slices = split_by_counts(seeds, counts) if seeds is not None else [None] * len(counts)
         futures = [
             worker.generate.remote(chunk, group_size, chunk_seeds, greedy)
             for worker, chunk, chunk_seeds in zip(
-                self.workers, split_evenly(pairs, counts), seed_slices, strict=True
+                self.workers, split_by_counts(pairs, counts), seed_slices, strict=True
             )
             if chunk
         ]
@@ -66,8 +66,3 @@ class RolloutPool:
                 )
             acks.append(ack)
         return acks
-
-
-def _even_counts(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]

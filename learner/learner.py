@@ -17,7 +17,7 @@ import torch
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Batch, Group, Shard, WeightUpdate
 from learner.config import LearnerConfig, LossConfig
-from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
+from learner.grpo import combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import (
     PackedSequences,
     PromptSharedSequences,
@@ -51,13 +51,6 @@ class Learner:
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.updater: Updater = LocalUpdater(self.trainable, cfg)
         self.model: Any = self.policy  # what forwards run through (a rank's DeepSpeed engine wraps it)
-        self.loss_settings = LossSettings(
-            clip_low=cfg.loss.clip_low,
-            clip_high=cfg.loss.clip_high,
-            beta=cfg.loss.beta,
-            aggregation=cfg.loss.aggregation,
-            tis_cap=cfg.loss.tis_cap,
-        )
         self.version = 0  # bumped by every optimiser step pass over a batch
         self.packed_modules: dict[str, list[str]] = {}
 
@@ -261,10 +254,10 @@ class Learner:
             old_B_T,
             advantages_B[indices].to(self.device),
             mask_B_T,
-            self.loss_settings,
+            self.cfg.loss,
             normaliser,
             ref_logprobs_B_T=ref_B_T,
-            sampler_logprobs_B_T=sampler_B_T if self.loss_settings.tis_cap is not None else None,
+            sampler_logprobs_B_T=sampler_B_T if self.cfg.loss.tis_cap is not None else None,
         )
         self.updater.backward(loss, last)
         assert entropy_B_T is not None

@@ -11,6 +11,7 @@ from typing import Any
 
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Group, SyncAck, WeightUpdate
+from grpo_ray.seeds import engine_seed
 from grpo_ray.weight_names import check_names
 from rollout.config import RolloutConfig
 
@@ -35,7 +36,7 @@ class RolloutWorker:
         self.version = -1  # -1: still the checkpoint's own weights, never the learner's policy
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM sleep mode is CUDA-only
         self.engine = RolloutEngine(
-            model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank, sleep_mode=self.sleep_mode
+            model, cfg, seed=engine_seed(seed, index), lora_rank=lora_rank, sleep_mode=self.sleep_mode
         )
 
     def generate(

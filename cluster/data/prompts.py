@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, DataConfig, resolve_project_path
+from grpo_ray.seeds import epoch_order_seed
 
 _READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -167,7 +168,7 @@ class PromptStream:
         for _ in range(count):
             epoch, offset = divmod(self.cursor, len(self.prompts))
             order = list(range(len(self.prompts)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(epoch_order_seed(self.seed, epoch)).shuffle(order)
             out.append(self.prompts[order[offset]])
             self.cursor += 1
         return out
