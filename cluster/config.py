@@ -14,12 +14,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from grpo_ray.config_base import Strict
+from grpo_ray.shipped import CONFIGS, shipped_configs, shipped_path
 from learner.config import LearnerConfig
 from rewards.builtin import VERDICTS, check_correctness_name
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -170,16 +169,36 @@ class RunConfig(Strict):
         return Path(self.run_root) / self.name
 
     def resolve_path(self, path: str) -> Path:
-        """A data or model path as given, else relative to the project (so shipped assets work anywhere)."""
+        """A data or model path as given, else the shipped one (so shipped assets work anywhere)."""
         return resolve_project_path(path)
 
 
 def resolve_project_path(path: str) -> Path:
+    """`path` as given if it exists (or is absolute), else the same relative path among the shipped
+    data (`assets/tiny-qwen2` in a checkout or in the installed wheel), else `path` unchanged."""
     given = Path(path).expanduser()
     if given.is_absolute() or given.exists():
         return given
-    shipped = PROJECT_ROOT / given
-    return shipped if shipped.exists() else given
+    return shipped_path(given) or given
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: the path as given, else the same path among the shipped data
+    (`configs/demo.yaml`), else a shipped config by name (`demo`). ConfigError lists the names."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    shipped = shipped_configs()
+    found = resolve_project_path(str(given)) if not given.is_absolute() else given
+    if found.is_file():
+        return found
+    if str(path) in shipped:
+        return shipped[str(path)]
+    names = ", ".join(shipped) or "none found"
+    raise ConfigError(
+        f"config file '{path}' not found; give a YAML path or a shipped config's name ({names}; "
+        f"`grpo-ray configs` lists them, in {shipped_path(CONFIGS)})"
+    )
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -187,12 +206,9 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `a.b.c=value` overrides, validate; ConfigError says what to fix."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(
-            f"config file '{path}' not found; shipped configs are in {PROJECT_ROOT / 'configs'}"
-        )
+    """Read a YAML config (a path, or a shipped config's name such as `demo`), apply `a.b.c=value`
+    overrides, validate; ConfigError says what to fix."""
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
