@@ -23,7 +23,9 @@ def data_root() -> Path:
     """
     package = resources.files("grpo_ray")
     if not isinstance(package, Path):
-        raise RuntimeError(f"grpo_ray must be installed as files on disk to find its shipped data, not {package}")
+        raise RuntimeError(
+            f"grpo_ray must be installed as files on disk to find its shipped data, not {package}"
+        )
     return package if (package / CONFIGS).is_dir() else package.parent
 
 
