@@ -20,6 +20,7 @@ from typing import Any
 from grpo_ray.records import Batch, Shard
 from learner.config import LearnerConfig
 from learner.grpo import combine_metrics
+from learner.learner import batch_targets
 
 # Metrics every rank reports with the same value (the step is global), and those this file recomputes.
 _GLOBAL_KEYS = ("train/grad_norm", "train/lr")
@@ -30,8 +31,6 @@ def split_batch(batch: Batch, world_size: int, cfg: LearnerConfig) -> list[Shard
     """One Shard per rank. Sequences are dealt longest first, round robin, so ranks get about equal
     tokens and sequence counts differing by at most one; all ranks run the same number of
     micro-batches (the most any rank needs)."""
-    from learner.learner import batch_targets
-
     advantages_B, valid_B, normaliser = batch_targets(batch, cfg.loss)
     rows = [(p, c) for p, g in enumerate(batch.groups) for c in g.completions]  # (group index, completion)
     sizes = [len(batch.groups[p].prompt_token_ids) + len(c.token_ids) for p, c in rows]
