@@ -22,6 +22,7 @@ from cluster.checkpoint import (
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
+from cluster.handles import LearnerHandle, RolloutWorkerHandle
 from cluster.planning.batch_plan import derive_plan
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.telemetry.metrics import MetricsSink
@@ -49,7 +50,7 @@ class _Session:
     """The live pieces of a run: actors, the scorer, the metrics sink, held-out prompts."""
 
     cfg: RunConfig
-    learner: Any
+    learner: LearnerHandle
     pool: RolloutPool
     scorer: RewardScorer
     sink: MetricsSink
@@ -58,6 +59,15 @@ class _Session:
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
+    """Train `cfg.steps` GRPO steps (from the newest checkpoint with `resume`) and write the run dir.
+
+    RUN_DIR = cfg.run_root/cfg.name gets config.yaml, metrics.jsonl (one record per step), eval/,
+    checkpoints/step_N/, the final adapter/ and report/. `echo` receives each progress line; the last
+    is `held-out accuracy: BEFORE -> AFTER (wall time S s)` when there is held-out data. Returns the
+    accuracies (fractions in [0, 1], None without eval), wall seconds, the final policy version and
+    acks. Raises ConfigError (bad data, incompatible checkpoint), SyncError (a worker's weights differ
+    from the learner's), RewardError / RewardFailure (a broken or mostly-masking reward).
+    """
     start = time.perf_counter()
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
@@ -105,7 +115,11 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
-    """Held-out greedy accuracy of a saved adapter, on the rollout workers (`grpo-ray eval`)."""
+    """Held-out greedy accuracy (a fraction in [0, 1]) of the PEFT adapter in `adapter_dir`, on the
+    rollout workers (`grpo-ray eval`); per-question results go to adapter_dir/../eval/.
+
+    Raises ConfigError when the config has no held-out data, SyncError as in `run`.
+    """
     from safetensors.torch import load_file
 
     model = _model_path(cfg)
@@ -281,7 +295,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 
 def _start(
     cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any
-) -> tuple[Any, RolloutPool]:
+) -> tuple[LearnerHandle, RolloutPool]:
     import ray
 
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
@@ -318,7 +332,9 @@ def _start(
     return learner, pool
 
 
-def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
+def _sync(
+    cfg: RunConfig, learner: LearnerHandle, pool: RolloutPool, include_base: bool
+) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
     The first sync of a run also carries the dequantized 4-bit layers, so from step 0 the engines
@@ -346,7 +362,7 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
+def _stop_actors(actors: list[RolloutWorkerHandle], group: Any) -> None:  # rollout workers and their placement group
     import ray
     from ray.util.placement_group import remove_placement_group
 

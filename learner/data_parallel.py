@@ -104,6 +104,7 @@ class LearnerGroup:
         return len(self.ranks)
 
     def ready(self) -> None:
+        """Block until every rank has loaded the model and joined the data-parallel group."""
         import ray
 
         if self._joining:
@@ -111,6 +112,8 @@ class LearnerGroup:
             self._joining = []
 
     def train_step(self, batch: Batch) -> dict[str, float]:
+        """One GRPO update on `batch` (P groups x G completions, rewards_P_G); the step's `train/*` and
+        `sync/logprob_gap_*` metrics as one Learner on the whole batch reports them."""
         import ray
 
         self.ready()
@@ -144,6 +147,7 @@ class LearnerGroup:
         return dict(ray.get(refs[0]))
 
     def restore(self, state: dict[str, Any], version: int) -> None:
+        """Every rank continues from a checkpoint's learner state at policy `version`."""
         import ray
 
         self.ready()
@@ -151,6 +155,7 @@ class LearnerGroup:
         ray.get([r.restore.remote(ref, version) for r in self.ranks])
 
     def load_adapter(self, tensors: dict[str, Any]) -> None:
+        """Every rank loads these adapter weights (PEFT state-dict names), e.g. for `grpo-ray eval`."""
         import ray
 
         self.ready()
@@ -158,6 +163,7 @@ class LearnerGroup:
         ray.get([r.load_adapter.remote(ref) for r in self.ranks])
 
     def stop(self) -> None:
+        """Kill every rank and free their placement group."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

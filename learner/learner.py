@@ -116,7 +116,13 @@ class Learner:
     # ---- training ----------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One GRPO update on a scored batch; returns the step's learner metrics."""
+        """One GRPO update on a scored batch (P groups x G completions, rewards_P_G; None = masked).
+
+        Advantages per group (learner/grpo.py), the loss over micro-batches of
+        `cfg.micro_batch_size` sequences, `cfg.passes` optimiser steps; bumps the policy version.
+        Returns `train/*` metrics (loss, kl_mean, clip fractions, importance ratios, grad_norm, lr,
+        seconds) and `sync/logprob_gap_{mean,max}` (|learner - sampler| logprob on sampled tokens).
+        """
         rows = _flatten(batch.groups)
         advantages_B, valid_B, normaliser = batch_targets(batch, self.cfg.loss)
         return self._train(rows, advantages_B, valid_B, normaliser, self._micro_batches(rows))

@@ -17,6 +17,8 @@ from rollout.config import RolloutConfig
 
 
 class RolloutWorker:
+    """One vLLM engine (rollout/engine.py) and the policy version it holds (-1 until the first sync)."""
+
     def __init__(
         self,
         index: int,
@@ -46,7 +48,12 @@ class RolloutWorker:
         seeds: list[int] | None = None,
         greedy: bool = False,
     ) -> list[Group]:
-        """One group of `group_size` completions per (row index, prompt token ids)."""
+        """One Group of `group_size` completions per (row index, prompt token ids), in order.
+
+        `seeds[i]` seeds prompt i's request (its samples get seeds[i] .. seeds[i] + group_size - 1);
+        `greedy`: temperature 0. Each Group carries this worker's policy version. Raises RuntimeError
+        when asked to sample before the first sync (the engine still holds the checkpoint's weights).
+        """
         if self.version < 0 and not greedy:
             raise RuntimeError(
                 f"rollout worker {self.index} has not received the learner's policy yet; "
@@ -86,6 +93,7 @@ class RolloutWorker:
             self.engine.sleep()
 
     def wake_up(self) -> None:
+        """Take the device back after `sleep` (a no-op when sleep mode is off)."""
         if self.sleep_mode:
             self.engine.wake_up()
 
@@ -94,7 +102,9 @@ class RolloutWorker:
         return check_names(checkpoint_names, self.engine.parameter_names(), self.engine.packed_modules())
 
     def packed_modules(self) -> dict[str, list[str]]:
+        """The engine's fused modules (e.g. qkv_proj -> [q_proj, k_proj, v_proj])."""
         return self.engine.packed_modules()
 
     def info(self) -> dict[str, Any]:
+        """This worker's index, policy version and the engine's EOS token ids."""
         return {"index": self.index, "version": self.version, "eos_ids": self.engine.eos_ids}
