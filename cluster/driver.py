@@ -362,7 +362,8 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _stop_actors(actors: list[RolloutWorkerHandle], group: Any) -> None:  # rollout workers and their placement group
+def _stop_actors(actors: list[RolloutWorkerHandle], group: Any) -> None:
+    """Kill the rollout workers and remove their placement group."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
