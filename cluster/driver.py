@@ -22,7 +22,7 @@ from cluster.checkpoint import (
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
-from cluster.handles import LearnerHandle, RolloutWorkerHandle
+from cluster.handles import LearnerHandle
 from cluster.planning.batch_plan import derive_plan
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.telemetry.metrics import MetricsSink
@@ -362,7 +362,7 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _stop_actors(actors: list[RolloutWorkerHandle], group: Any) -> None:
+def _stop_actors(actors: list[Any], group: Any) -> None:
     """Kill the rollout workers and remove their placement group."""
     import ray
     from ray.util.placement_group import remove_placement_group

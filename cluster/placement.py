@@ -7,7 +7,7 @@ each (SPREAD over nodes). `colocate`: the learner and one engine on the same GPU
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cluster.config import RunConfig
 from cluster.handles import LearnerHandle, RolloutWorkerHandle
@@ -148,7 +148,8 @@ def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[Ro
         .remote(i, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
         for i, bundle in enumerate(worker_bundles)
     ]
-    return workers, group
+    # Ray types an actor handle's methods as Never; the Protocol names the verbs the driver calls.
+    return cast("list[RolloutWorkerHandle]", workers), group
 
 
 def bundle_nodes(group: Any) -> list[str]:
