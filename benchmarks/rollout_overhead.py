@@ -35,6 +35,7 @@ from benchmarks.common import (
     summary,
     train_prompts,
 )
+from grpo_ray.seeds import engine_seed, prompt_seeds
 
 GOAL = 0.95  # RolloutWorker tokens/s over bare vLLM's
 
@@ -86,7 +87,6 @@ def overhead_child(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
     from safetensors import safe_open
 
-    from cluster.driver import _prompt_seeds
     from cluster.placement import start_workers, worker_env
     from grpo_ray.checksum import weights_checksum
     from grpo_ray.records import WeightUpdate
@@ -100,7 +100,7 @@ def overhead_child(spec: dict[str, Any]) -> dict[str, Any]:
         bare: Any = (
             ray.remote(BareVLLM)
             .options(num_cpus=cfg.rollout.num_cpus_per_worker, runtime_env={"env_vars": worker_env(cfg)})
-            .remote(model, cfg.rollout, cfg.seed)  # worker 0's engine seed is seed + 7919 * 0
+            .remote(model, cfg.rollout, engine_seed(cfg.seed, 0))  # the seed worker 0's engine gets
         )
         with safe_open(f"{model}/model.safetensors", "pt") as f:
             tensors = [("model.norm.weight", f.get_tensor("model.norm.weight"))]
@@ -108,7 +108,7 @@ def overhead_child(spec: dict[str, Any]) -> dict[str, Any]:
 
         def call(side: str, step: int) -> dict[str, float]:
             chunk = prompts[step * w.prompts_per_step : (step + 1) * w.prompts_per_step]
-            seeds = _prompt_seeds(cfg, step + 1)
+            seeds = prompt_seeds(cfg.seed, step + 1, cfg.prompts_per_step, cfg.group_size)
             begin = time.perf_counter()
             if side == "grpo-ray":
                 groups = ray.get(worker.generate.remote(list(enumerate(chunk)), w.group_size, seeds))

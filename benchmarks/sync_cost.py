@@ -40,6 +40,7 @@ from benchmarks.common import (
     summary,
     train_prompts,
 )
+from grpo_ray.seeds import prompt_seeds
 
 GOAL = 0.02  # sync seconds / step seconds
 CELLS = [
@@ -225,9 +226,14 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
                 for r in range(rounds):
                     for mode in rotated(list(modes), r):
                         driver._sync(config(mode), learner, part, include_base=False)  # engines run this mode
+                        seed_cfg = config(mode)
                         begin = time.perf_counter()
                         generated = part.generate(
-                            prompts, w.group_size, seeds=driver._prompt_seeds(config(mode), 1)
+                            prompts,
+                            w.group_size,
+                            seeds=prompt_seeds(
+                                seed_cfg.seed, 1, seed_cfg.prompts_per_step, seed_cfg.group_size
+                            ),
                         )
                         elapsed = time.perf_counter() - begin
                         groups = groups or generated
@@ -358,11 +364,11 @@ def computed_markdown() -> list[str]:
     """Bytes per sync for the shipped 7B cluster config in each mode: arithmetic, not a run
     (cluster/planning/sync_bytes.py, which tests/integration/test_worker_merge.py checks against the
     learner's real exports)."""
-    from cluster.config import PROJECT_ROOT, load_config
+    from cluster.config import load_config
     from cluster.planning.memory import builtin_shape
     from cluster.planning.sync_bytes import sync_bytes
 
-    cfg = load_config(PROJECT_ROOT / "configs" / "gsm8k_qwen2.5-7b_cluster.yaml")
+    cfg = load_config("gsm8k_qwen2.5-7b_cluster")
     shape = builtin_shape(cfg.model)
     assert shape is not None, "the 7B config names a built-in Qwen2.5 shape"
     workers = cfg.rollout.num_workers

@@ -1,4 +1,15 @@
-"""The `grpo-ray` command. Errors a user can fix are printed as one message, without a traceback."""
+"""Every entry point of grpo-ray: the `grpo-ray` command, and `python -m cluster.cli` for `ray job submit`.
+
+    grpo-ray train CONFIG [key=value ...] [--resume]   CONFIG: a YAML path or a shipped name (`demo`)
+    grpo-ray check CONFIG [key=value ...]              validate, print the plan and memory budget
+    grpo-ray eval RUN_DIR | ADAPTER_DIR                held-out accuracy of an adapter
+    grpo-ray export RUN_DIR --merged OUT               a full model directory
+    grpo-ray report RUN_DIR                            RUN_DIR/report/index.html
+    grpo-ray job runtime-env                           the runtime env JSON for `ray job submit`
+    grpo-ray configs                                   the shipped configs, by name
+
+Errors a user can fix are printed as one message, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, RunConfig, load_config
+from cluster.job import DEFAULT_UPLOAD_LIMIT_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run GRPO training from a YAML config")
-    train.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    train.add_argument("config", help="YAML run config (e.g. configs/demo.yaml) or a shipped name (demo)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. steps=5")
     train.add_argument(
         "--resume", action="store_true", help="continue from the run's newest complete checkpoint"
@@ -25,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate a config, print the plan and memory budget; loads no model"
     )
-    check.add_argument("config", help="YAML run config")
+    check.add_argument("config", help="YAML run config or a shipped config's name")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     check.add_argument(
         "--device-gib",
@@ -57,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write RUN_DIR/report/index.html with plots of the run")
     report.add_argument("run_dir", help="a run directory")
+
+    job = commands.add_parser("job", help="helpers for `ray job submit`")
+    job_commands = job.add_subparsers(dest="job_command", required=True)
+    env = job_commands.add_parser(
+        "runtime-env", help="print the job's runtime env as JSON (for ray job submit --runtime-env-json)"
+    )
+    env.add_argument(
+        "--working-dir", type=Path, default=Path.cwd(), help="the checkout to upload (default: current dir)"
+    )
+    env.add_argument(
+        "--limit-mib",
+        type=float,
+        default=DEFAULT_UPLOAD_LIMIT_BYTES / 2**20,
+        help="fail if the upload is larger (default %(default)g)",
+    )
+
+    commands.add_parser("configs", help="list the shipped run configs (give their name to train/check)")
     return parser
 
 
@@ -121,7 +150,43 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cluster.telemetry.report import write_report
 
         print(f"report written to {write_report(Path(args.run_dir))}")
+    elif args.command == "job":
+        return _job_runtime_env(args.working_dir, args.limit_mib)
+    elif args.command == "configs":
+        _list_configs()
     return 0
+
+
+def _job_runtime_env(working_dir: Path, limit_mib: float) -> int:
+    """Print the runtime env JSON; 2 if `working_dir` is not a checkout, 1 if the upload is too big."""
+    import json
+
+    from cluster.job import CHECKOUT_SENTINEL, check_upload_size, runtime_env
+
+    working_dir = working_dir.resolve()
+    if not (working_dir / CHECKOUT_SENTINEL).is_file():
+        print(
+            f"error: {working_dir} is not a grpo-ray checkout (no {CHECKOUT_SENTINEL}); run from the "
+            "repository root or pass --working-dir",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_upload_size(working_dir, int(limit_mib * 2**20))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(runtime_env(working_dir)))
+    return 0
+
+
+def _list_configs() -> None:
+    from grpo_ray.shipped import shipped_configs, summary_line
+
+    configs = shipped_configs()
+    width = max((len(name) for name in configs), default=0)
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {summary_line(path)}\n{'':<{width}}  {path}")
 
 
 def _check(cfg: RunConfig, device_gib: float | None) -> None:

@@ -16,11 +16,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from grpo_ray.config_base import MAX_COUNT, MAX_TOKENS, Strict
+from grpo_ray.shipped import CONFIGS, shipped_configs, shipped_path
 from learner.config import LearnerConfig
+from rewards.builtin import VERDICTS, check_correctness_name
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -77,9 +77,10 @@ class DataConfig(Strict):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A row missing a needed field: stop with its index, or skip it and count it."
     )
-    correctness: Literal["numeric_match", "math_verify", "exact_match"] = Field(
+    correctness: str = Field(
         "numeric_match",
-        description="Built-in matcher that decides whether an answer is correct (accuracy, eval).",
+        description=f"What decides that an answer is correct (rollout/accuracy, eval): a built-in verdict "
+        f"({', '.join(VERDICTS)}) or 'module:function' returning 1.0 for correct; run by the reward scorer.",
     )
     eval_samples: int = Field(
         0,
@@ -121,6 +122,12 @@ class DataConfig(Strict):
     @classmethod
     def _hub_names(cls, value: str | None) -> str | None:
         return value if value is None else _non_blank(value, "this hub name")
+
+    @field_validator("correctness")
+    @classmethod
+    def _known_correctness(cls, function: str) -> str:
+        check_correctness_name(function)  # RewardConfigError is a ValueError: pydantic names the field
+        return function
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -244,6 +251,7 @@ class RunConfig(Strict):
                 f"data.max_prompt_tokens + rollout.sampling.max_new_tokens = {longest} exceeds "
                 f"rollout.max_model_len = {self.rollout.max_model_len}; raise max_model_len or lower one of the two"
             )
+        self.scored_rewards()  # a term named like the correctness term is refused here, at load
         if self.placement == "colocate" and self.learner.num_gpus > 1:
             raise ValueError(
                 f"placement 'colocate' shares ONE GPU, but learner.num_gpus = {self.learner.num_gpus}; "
@@ -256,21 +264,45 @@ class RunConfig(Strict):
             )
         return self
 
+    def scored_rewards(self) -> RewardsConfig:
+        """What the reward scorer runs: rewards.terms plus data.correctness as a weight-0 term."""
+        return self.rewards.with_correctness(self.data.correctness)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
 
     def resolve_path(self, path: str) -> Path:
-        """A data or model path as given, else relative to the project (so shipped assets work anywhere)."""
+        """A data or model path as given, else the shipped one (so shipped assets work anywhere)."""
         return resolve_project_path(path)
 
 
 def resolve_project_path(path: str) -> Path:
+    """`path` as given if it exists (or is absolute), else the same relative path among the shipped
+    data (`assets/tiny-qwen2` in a checkout or in the installed wheel), else `path` unchanged."""
     given = Path(path).expanduser()
     if given.is_absolute() or given.exists():
         return given
-    shipped = PROJECT_ROOT / given
-    return shipped if shipped.exists() else given
+    return shipped_path(given) or given
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: the path as given, else the same path among the shipped data
+    (`configs/demo.yaml`), else a shipped config by name (`demo`). ConfigError lists the names."""
+    given = Path(path).expanduser()
+    if given.exists():  # a directory or unreadable file is reported by the reader, naming why
+        return given
+    shipped = shipped_configs()
+    found = resolve_project_path(str(given)) if not given.is_absolute() else given
+    if found.is_file():
+        return found
+    if str(path) in shipped:
+        return shipped[str(path)]
+    names = ", ".join(shipped) or "none found"
+    raise ConfigError(
+        f"config file '{path}' not found; give a YAML path or a shipped config's name ({names}; "
+        f"`grpo-ray configs` lists them, in {shipped_path(CONFIGS)})"
+    )
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -278,12 +310,9 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `a.b.c=value` overrides, validate; ConfigError says what to fix."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(
-            f"config file '{path}' not found; shipped configs are in {PROJECT_ROOT / 'configs'}"
-        )
+    """Read a YAML config (a path, or a shipped config's name such as `demo`), apply `a.b.c=value`
+    overrides, validate; ConfigError says what to fix."""
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

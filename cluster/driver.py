@@ -19,6 +19,7 @@ from cluster.checkpoint import (
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
+from cluster.handles import LearnerHandle
 from cluster.planning.batch_plan import derive_plan
 from cluster.planning.model_limits import check_model_limits
 from cluster.ray_session import init_ray
@@ -29,8 +30,9 @@ from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
+from grpo_ray.seeds import eval_round_seed, prompt_seeds
 from rewards import RewardScorer
-from rewards.builtin import BUILTINS
+from rewards.config import CORRECTNESS_LABEL
 
 
 @dataclass
@@ -49,7 +51,7 @@ class _Session:
     """The live pieces of a run: actors, the scorer, the metrics sink, held-out prompts."""
 
     cfg: RunConfig
-    learner: Any
+    learner: LearnerHandle
     pool: RolloutPool
     scorer: RewardScorer
     sink: MetricsSink
@@ -58,6 +60,15 @@ class _Session:
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
+    """Train `cfg.steps` GRPO steps (from the newest checkpoint with `resume`) and write the run dir.
+
+    RUN_DIR = cfg.run_root/cfg.name gets config.yaml, metrics.jsonl (one record per step), eval/,
+    checkpoints/step_N/, the final adapter/ and report/. `echo` receives each progress line; the last
+    is `held-out accuracy: BEFORE -> AFTER (wall time S s)` when there is held-out data. Returns the
+    accuracies (fractions in [0, 1], None without eval), wall seconds, the final policy version and
+    acks. Raises ConfigError (bad data, incompatible checkpoint), SyncError (a worker's weights differ
+    from the learner's), RewardError / RewardFailure (a broken or mostly-masking reward).
+    """
     start = time.perf_counter()
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
@@ -108,7 +119,11 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
-    """Held-out greedy accuracy of a saved adapter, on the rollout workers (`grpo-ray eval`)."""
+    """Held-out greedy accuracy (a fraction in [0, 1]) of the PEFT adapter in `adapter_dir`, on the
+    rollout workers (`grpo-ray eval`); per-question results go to adapter_dir/../eval/.
+
+    Raises ConfigError when the config has no held-out data, SyncError as in `run`.
+    """
     from safetensors.torch import load_file
 
     model = _model_path(cfg)
@@ -120,12 +135,19 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
         )
     out_dir = adapter_dir.parent / "eval"
     with ExitStack() as stack:
+        scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
         learner, pool = _start(cfg, model, tokenizer, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
         _sync(cfg, learner, pool, include_base=True)
         tag = f"adapter_{adapter_dir.parent.name}"
         values = evaluate(
-            pool, held_out, cfg.data.correctness, out_dir, tag, samples=cfg.data.eval_samples, seed=cfg.seed
+            pool,
+            held_out,
+            scorer,
+            out_dir,
+            tag,
+            samples=cfg.data.eval_samples,
+            seed=eval_round_seed(cfg.seed, 0),
         )
     return values["eval/accuracy"]
 
@@ -138,13 +160,14 @@ def _train_step(
     timer = _Timer()
     prompts = stream.take(cfg.prompts_per_step)
     with timer("generate"):
-        groups = session.pool.generate(prompts, cfg.group_size, seeds=_prompt_seeds(cfg, step))
+        seeds = prompt_seeds(cfg.seed, step, cfg.prompts_per_step, cfg.group_size)
+        groups = session.pool.generate(prompts, cfg.group_size, seeds=seeds)
     with timer("reward"):
         rows = {p.index: p.row for p in prompts}
         flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
         texts = [c.text for g in groups for c in g.completions]
         scored = session.scorer.score(texts, flat_rows)
-        correct = BUILTINS[cfg.data.correctness](texts, flat_rows)
+        correct = scored.per_term[CORRECTNESS_LABEL]
     rewards_P_G = _regroup(scored.rewards, cfg.group_size)
     batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
     colocated = cfg.placement == "colocate"
@@ -175,11 +198,11 @@ def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> 
     values = evaluate(
         session.pool,
         session.held_out,
-        cfg.data.correctness,
+        session.scorer,
         run_dir / "eval",
         f"step_{step:04d}",
         samples=cfg.data.eval_samples,
-        seed=cfg.seed + step,
+        seed=eval_round_seed(cfg.seed, step),
     )
     if log:
         session.sink.log(step, values)
@@ -211,7 +234,7 @@ def _open_session(
     stack: ExitStack,
     echo: Any,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.rewards, output_log=run_dir / "reward_output.log"))
+    scorer = stack.enter_context(RewardScorer(cfg.scored_rewards(), output_log=run_dir / "reward_output.log"))
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
@@ -280,7 +303,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 
 def _start(
     cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any
-) -> tuple[Any, RolloutPool]:
+) -> tuple[LearnerHandle, RolloutPool]:
     import ray
 
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
@@ -311,7 +334,9 @@ def _start(
     return learner, pool
 
 
-def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
+def _sync(
+    cfg: RunConfig, learner: LearnerHandle, pool: RolloutPool, include_base: bool
+) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
     The first sync of a run also carries the base layers (dequantized, or for worker_merge packed
@@ -341,15 +366,6 @@ def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -
     return version, acks
 
 
-def _prompt_seeds(cfg: RunConfig, step: int) -> list[int]:
-    # A seed per prompt slot, not per worker: the same step samples the same groups whatever the
-    # number of workers (vLLM gives the n samples of one request seeds seed..seed+n-1).
-    return [
-        ((cfg.seed * 1_000_003 + step) * 4099 + slot) * cfg.group_size % 2**31
-        for slot in range(cfg.prompts_per_step)
-    ]
-
-
 def _regroup(flat: list, group_size: int) -> list[list]:
     return [flat[i : i + group_size] for i in range(0, len(flat), group_size)]
 
@@ -360,7 +376,8 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
+def _stop_actors(actors: list[Any], group: Any) -> None:
+    """Kill the rollout workers and remove their placement group."""
     import ray
     from ray.util.placement_group import remove_placement_group
 

@@ -3,12 +3,13 @@
 From the repository root, with the dashboard tunnel open (`ray dashboard cluster/cluster.yaml`)::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \\
-        --runtime-env-json "$(python -m cluster.job runtime-env)" \\
-        -- python -m cluster.train configs/gsm8k_qwen2.5-7b_cluster.yaml
+        --runtime-env-json "$(python -m cluster.cli job runtime-env)" \\
+        -- python -m cluster.cli train configs/gsm8k_qwen2.5-7b_cluster.yaml
 
-`python -m cluster.job runtime-env` prints the runtime env as JSON: this checkout as the job's
-`working_dir` (Ray zips and uploads it; on the cluster it is the job's current directory and is on
-`sys.path`, so `python -m cluster.train` and relative paths in configs work), the excludes below,
+`python -m cluster.cli job runtime-env` (`grpo-ray job runtime-env` once installed) prints the
+runtime env as JSON: this checkout as the job's `working_dir` (Ray zips and uploads it; on the
+cluster it is the job's current directory and is on `sys.path`, so `python -m cluster.cli` and
+relative paths in configs work), the excludes below,
 and the credentials in FORWARDED_ENV that are set here, forwarded by name. It first checks the
 upload size and exits with the largest paths if the checkout is too big to ship.
 
@@ -18,10 +19,7 @@ cluster/runtime_env.yaml`, which forwards no credentials and checks nothing.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +58,8 @@ FORWARDED_ENV: tuple[str, ...] = (
 # checkpoints or a model were left in the tree, and every job submission re-uploads what changed.
 DEFAULT_UPLOAD_LIMIT_BYTES = 100 * 2**20
 
-_SENTINEL = Path("cluster") / "train.py"
+# A file only a grpo-ray checkout has at this path: what `grpo-ray job runtime-env` checks first.
+CHECKOUT_SENTINEL = Path("cluster") / "cli.py"
 
 
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -140,41 +139,3 @@ def check_upload_size(working_dir: Path, limit_bytes: int = DEFAULT_UPLOAD_LIMIT
         "shared storage or the hub), or exclude them: a .rayignore file at the repository root "
         "(.gitignore syntax), or RUNTIME_ENV_EXCLUDES in cluster/job.py."
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.job", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    env = commands.add_parser(
-        "runtime-env", help="print the job's runtime env as JSON (for ray job submit --runtime-env-json)"
-    )
-    env.add_argument(
-        "--working-dir", type=Path, default=Path.cwd(), help="the checkout to upload (default: current dir)"
-    )
-    env.add_argument(
-        "--limit-mib",
-        type=float,
-        default=DEFAULT_UPLOAD_LIMIT_BYTES / 2**20,
-        help="fail if the upload is larger (default %(default)g)",
-    )
-    args = parser.parse_args(argv)
-
-    working_dir: Path = args.working_dir.resolve()
-    if not (working_dir / _SENTINEL).is_file():
-        print(
-            f"error: {working_dir} is not a grpo-ray checkout (no {_SENTINEL}); run from the repository "
-            "root or pass --working-dir",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        check_upload_size(working_dir, int(args.limit_mib * 2**20))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(runtime_env(working_dir)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

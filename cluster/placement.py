@@ -7,9 +7,10 @@ each (SPREAD over nodes). `colocate`: the learner and one engine on the same GPU
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cluster.config import RunConfig
+from cluster.handles import LearnerHandle, RolloutWorkerHandle
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ def learner_world_size(cfg: RunConfig) -> int:
     return max(1, cfg.learner.num_gpus)
 
 
-def start_learner_group(cfg: RunConfig, model: str, pad_id: int, world_size: int | None = None) -> Any:
+def start_learner_group(
+    cfg: RunConfig, model: str, pad_id: int, world_size: int | None = None
+) -> LearnerHandle:
     """The learner as a `learner.data_parallel.LearnerGroup`; returns while the ranks load the model.
 
     `world_size` defaults to `learner_world_size(cfg)`; each rank reserves one GPU (none when
@@ -118,7 +121,7 @@ def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, stra
     )
 
 
-def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[Any], Any]:
+def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[RolloutWorkerHandle], Any]:
     """(rollout workers, their placement group): one bundle each, SPREAD in split mode."""
     import ray
     from ray.util.placement_group import placement_group
@@ -145,7 +148,8 @@ def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[An
         .remote(i, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
         for i, bundle in enumerate(worker_bundles)
     ]
-    return workers, group
+    # Ray types an actor handle's methods as Never; the Protocol names the verbs the driver calls.
+    return cast("list[RolloutWorkerHandle]", workers), group
 
 
 def bundle_nodes(group: Any) -> list[str]:

@@ -51,7 +51,13 @@ class LoraSettings(Strict):
         return list(self.target_modules)
 
 
+# How token losses become the batch loss; learner/grpo.py's `loss_normaliser` and `grpo_loss` define each.
+Aggregation = Literal["token_mean", "seq_mean", "constant"]
+
+
 class LossConfig(Strict):
+    """The GRPO objective; `learner.grpo.grpo_loss` takes this object as is (validated once, here)."""
+
     clip_low: float = Field(
         0.2, ge=0, lt=1, description="Lower clip range: ratios below 1 - clip_low are clipped."
     )
@@ -64,7 +70,7 @@ class LossConfig(Strict):
     beta: float = Field(
         0.0, ge=0, le=1e4, description="KL-to-reference coefficient (k3 estimator); 0 turns the KL term off."
     )
-    aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
+    aggregation: Aggregation = Field(
         "token_mean", description="How token losses are averaged; 'constant' is Dr. GRPO's fixed normaliser."
     )
     scale_advantages_by_std: bool = Field(

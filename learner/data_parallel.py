@@ -20,6 +20,7 @@ from typing import Any
 from grpo_ray.records import Batch, Shard
 from learner.config import LearnerConfig
 from learner.grpo import combine_metrics
+from learner.learner import batch_targets
 
 # Metrics every rank reports with the same value (the step is global), and those this file recomputes.
 _GLOBAL_KEYS = ("train/grad_norm", "train/lr")
@@ -30,8 +31,6 @@ def split_batch(batch: Batch, world_size: int, cfg: LearnerConfig) -> list[Shard
     """One Shard per rank. Sequences are dealt longest first, round robin, so ranks get about equal
     tokens and sequence counts differing by at most one; all ranks run the same number of
     micro-batches (the most any rank needs)."""
-    from learner.learner import batch_targets
-
     advantages_B, valid_B, normaliser = batch_targets(batch, cfg.loss)
     rows = [(p, c) for p, g in enumerate(batch.groups) for c in g.completions]  # (group index, completion)
     sizes = [len(batch.groups[p].prompt_token_ids) + len(c.token_ids) for p, c in rows]
@@ -105,6 +104,7 @@ class LearnerGroup:
         return len(self.ranks)
 
     def ready(self) -> None:
+        """Block until every rank has loaded the model and joined the data-parallel group."""
         import ray
 
         if self._joining:
@@ -112,6 +112,8 @@ class LearnerGroup:
             self._joining = []
 
     def train_step(self, batch: Batch) -> dict[str, float]:
+        """One GRPO update on `batch` (P groups x G completions, rewards_P_G); the step's `train/*` and
+        `sync/logprob_gap_*` metrics as one Learner on the whole batch reports them."""
         import ray
 
         self.ready()
@@ -152,6 +154,7 @@ class LearnerGroup:
         return dict(ray.get(refs[0]))
 
     def restore(self, state: dict[str, Any], version: int) -> None:
+        """Every rank continues from a checkpoint's learner state at policy `version`."""
         import ray
 
         self.ready()
@@ -159,6 +162,7 @@ class LearnerGroup:
         ray.get([r.restore.remote(ref, version) for r in self.ranks])
 
     def load_adapter(self, tensors: dict[str, Any]) -> None:
+        """Every rank loads these adapter weights (PEFT state-dict names), e.g. for `grpo-ray eval`."""
         import ray
 
         self.ready()
@@ -166,6 +170,7 @@ class LearnerGroup:
         ray.get([r.load_adapter.remote(ref) for r in self.ranks])
 
     def stop(self) -> None:
+        """Kill every rank and free their placement group."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

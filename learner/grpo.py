@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
+from learner.config import Aggregation, LossConfig
+
 __all__ = [
-    "Aggregation",
-    "LossSettings",
     "combine_metrics",
     "entropy_from_logits",
     "group_advantages",
@@ -35,8 +34,7 @@ __all__ = [
     "truncated_importance_weights",
 ]
 
-Aggregation = Literal["token_mean", "seq_mean", "constant"]
-_AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+_AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)  # declared once, in learner/config.py
 
 # Metric keys that are additive across micro-batches (see ``combine_metrics``).
 _SUM_KEYS = frozenset({"loss", "num_tokens", "num_seqs", "tis/nonfinite_sampler"})
@@ -228,29 +226,6 @@ def truncated_importance_weights(
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """Static GRPO loss settings (validated on construction)."""
-
-    clip_low: float  # epsilon_low: ratio lower bound 1 - clip_low
-    clip_high: float  # epsilon_high: upper bound 1 + clip_high (DAPO-style decoupled)
-    beta: float  # KL coefficient, 0 disables the KL term (ref logprobs may then be None)
-    aggregation: Aggregation
-    tis_cap: float | None  # None disables truncated importance sampling
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
-        if not self.clip_high >= 0.0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if not self.beta >= 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.aggregation not in _AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {_AGGREGATIONS}, got {self.aggregation!r}")
-        if self.tis_cap is not None and not self.tis_cap > 0.0:
-            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
-
-
 def loss_normaliser(mask_B_T: Tensor, aggregation: str, max_new_tokens: int) -> float:
     """Denominator of the loss for the WHOLE batch (compute once, pass to every micro-batch call).
 
@@ -282,7 +257,7 @@ def grpo_loss(
     old_logprobs_B_T: Tensor,
     advantages_B: Tensor,
     mask_B_T: Tensor,
-    settings: LossSettings,
+    settings: LossConfig,
     normaliser: float,
     ref_logprobs_B_T: Tensor | None = None,
     sampler_logprobs_B_T: Tensor | None = None,

@@ -17,7 +17,7 @@ import torch
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Batch, Group, Shard, WeightUpdate
 from learner.config import LearnerConfig, LossConfig
-from learner.grpo import LossSettings, combine_metrics, group_advantages, grpo_loss, loss_normaliser
+from learner.grpo import combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import (
     PackedSequences,
     PromptSharedSequences,
@@ -54,13 +54,6 @@ class Learner:
         self.model: Any = self.policy  # what forwards run through (a rank's DeepSpeed engine wraps it)
         # Log-probabilities are taken from the final hidden states this many tokens at a time.
         self.chunk_tokens = cfg.chunk_tokens_for(causal_lm(self.policy).get_output_embeddings().out_features)
-        self.loss_settings = LossSettings(
-            clip_low=cfg.loss.clip_low,
-            clip_high=cfg.loss.clip_high,
-            beta=cfg.loss.beta,
-            aggregation=cfg.loss.aggregation,
-            tis_cap=cfg.loss.tis_cap,
-        )
         self.version = 0  # bumped by every optimiser step pass over a batch
         self.packed_modules: dict[str, list[str]] = {}
 
@@ -169,7 +162,13 @@ class Learner:
     # ---- training ----------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One GRPO update on a scored batch; returns the step's learner metrics."""
+        """One GRPO update on a scored batch (P groups x G completions, rewards_P_G; None = masked).
+
+        Advantages per group (learner/grpo.py), the loss over micro-batches of
+        `cfg.micro_batch_size` sequences, `cfg.passes` optimiser steps; bumps the policy version.
+        Returns `train/*` metrics (loss, kl_mean, clip fractions, importance ratios, grad_norm, lr,
+        seconds) and `sync/logprob_gap_{mean,max}` (|learner - sampler| logprob on sampled tokens).
+        """
         rows = _flatten(batch.groups)
         advantages_B, valid_B, normaliser = batch_targets(batch, self.cfg.loss)
         return self._train(rows, advantages_B, valid_B, normaliser, self._micro_batches(rows))
@@ -312,10 +311,10 @@ class Learner:
             old_B_T,
             advantages_B[indices].to(self.device),
             mask_B_T,
-            self.loss_settings,
+            self.cfg.loss,
             normaliser,
             ref_logprobs_B_T=ref_B_T,
-            sampler_logprobs_B_T=sampler_B_T if self.loss_settings.tis_cap is not None else None,
+            sampler_logprobs_B_T=sampler_B_T if self.cfg.loss.tis_cap is not None else None,
         )
         self.updater.backward(loss, last)
         assert entropy_B_T is not None

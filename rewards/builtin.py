@@ -315,6 +315,10 @@ BUILTINS: dict[str, Callable[..., list[float | None]]] = {
     "exact_match": exact_match,
 }
 
+# The built-ins that return a verdict on the answer (1.0 correct, 0.0 wrong); the others shape the
+# reward. These, or a 'module:function', are what `data.correctness` (accuracy, eval) accepts.
+VERDICTS: tuple[str, ...] = ("numeric_match", "math_verify", "exact_match")
+
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 FUNCTION_PATH_RE = re.compile(rf"^(?P<module>{_IDENT}(?:\.{_IDENT})*):(?P<attr>{_IDENT}(?:\.{_IDENT})*)$")
 
@@ -336,6 +340,25 @@ def check_function_name(function: str) -> None:
         )
     raise RewardConfigError(
         f"reward {function!r}: not a built-in reward or a 'module:function' path — {hint}"
+    )
+
+
+def check_correctness_name(function: str) -> None:
+    """Raise RewardConfigError unless ``function`` is a built-in verdict (``VERDICTS``) or a ``module:function``.
+
+    A correctness function scores a completion 1.0 when its answer is right; accuracy counts those.
+    """
+    if function in VERDICTS or FUNCTION_PATH_RE.match(function):
+        return
+    hint = (
+        f"did you mean {close[0]!r}? "
+        if (close := difflib.get_close_matches(function, VERDICTS, n=1))
+        else ""
+    )
+    raise RewardConfigError(
+        f"correctness {function!r}: not a built-in verdict or a 'module:function' path — {hint}the built-in "
+        f"verdicts are {list(VERDICTS)}; your own is referenced as 'package.module:function' and returns 1.0 "
+        "for a correct completion"
     )
 
 

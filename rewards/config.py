@@ -11,7 +11,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grpo_ray.config_base import MAX_SECONDS, MAX_WORKERS
+from rewards.base import RewardConfigError
 from rewards.builtin import check_builtin_kwargs, check_function_name
+
+# The label of the weight-0 term that decides correctness (`data.correctness`): logged only, never
+# part of the reward, read back as `ScoreResult.per_term[CORRECTNESS_LABEL]` for accuracy and eval.
+CORRECTNESS_LABEL = "correctness"
 
 
 class RewardTerm(BaseModel):
@@ -19,9 +24,7 @@ class RewardTerm(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    function: str = Field(
-        description="Built-in name (numeric_match, math_verify, format, length_penalty, exact_match) or 'module:function'."
-    )
+    function: str = Field(description="Built-in name (see rewards.builtin.BUILTINS) or 'module:function'.")
     weight: float = Field(
         default=1.0,
         ge=-1e6,
@@ -109,3 +112,18 @@ class RewardsConfig(BaseModel):
                 f"give each term its own `name:`"
             )
         return self
+
+    def with_correctness(self, function: str) -> RewardsConfig:
+        """These terms plus a weight-0 term `CORRECTNESS_LABEL` running `function` (a verdict, 1.0 = correct).
+
+        Weight 0: it never changes or masks the reward; it runs in the same isolated, time-limited
+        workers as every term, so a custom `module:function` correctness works like a built-in one.
+        Raises RewardConfigError if a term already uses the label.
+        """
+        if any(t.label == CORRECTNESS_LABEL for t in self.terms):
+            raise RewardConfigError(
+                f"the reward term name {CORRECTNESS_LABEL!r} is reserved for data.correctness's accuracy "
+                "term; give that term another `name:`"
+            )
+        term = RewardTerm(function=function, weight=0.0, name=CORRECTNESS_LABEL)
+        return self.model_copy(update={"terms": [*self.terms, term]})

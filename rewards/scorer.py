@@ -56,6 +56,7 @@ from multiprocessing import Pipe
 from multiprocessing.connection import wait
 from typing import Any
 
+from grpo_ray.partition import split_evenly
 from rewards.base import MASK_REASONS, SIGNATURE, RewardConfigError, RewardError, RewardFailure
 from rewards.config import RewardsConfig, RewardTerm
 from rewards.worker import BOOTSTRAP, PATH_ENV, Reply
@@ -186,9 +187,8 @@ def _describe(term: RewardTerm) -> str:
 
 
 def _chunks(n: int, parts: int) -> list[list[int]]:
-    parts = max(1, min(parts, n))
-    bounds = [round(k * n / parts) for k in range(parts + 1)]
-    return [list(range(bounds[k], bounds[k + 1])) for k in range(parts) if bounds[k] < bounds[k + 1]]
+    """Sample indices 0..n-1 in at most `parts` contiguous, non-empty chunks (one reward call each)."""
+    return [chunk for chunk in split_evenly(range(n), max(1, parts)) if chunk]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -257,20 +257,30 @@ class RewardScorer:
 
     # -- scoring -----------------------------------------------------------------------------------
 
-    def score(self, completions: list[str], rows: list[dict[str, Any]]) -> ScoreResult:
-        """Score one batch: ``completions[i]`` was generated for ``rows[i]`` (which must hold ``gold``)."""
+    def score(
+        self, completions: list[str], rows: list[dict[str, Any]], only: Sequence[str] | None = None
+    ) -> ScoreResult:
+        """Score one batch: ``completions[i]`` was generated for ``rows[i]`` (which must hold ``gold``).
+
+        ``only``: run just the terms with these labels (e.g. the correctness term for an evaluation);
+        the result then holds those terms, and the combined reward sums their weighted values.
+        Raises ValueError on mismatched lengths or an unknown label, RewardError / RewardFailure as above.
+        """
         if len(completions) != len(rows):
             raise ValueError(
                 f"score() got {len(completions)} completions but {len(rows)} rows; pass one row per completion"
             )
+        labels = [t.label for t in self._terms]
+        unknown = sorted(set(only or ()) - set(labels))
+        if unknown:
+            raise ValueError(f"score(only=...) names no configured term: {unknown}; terms are {labels}")
+        selected = [k for k, label in enumerate(labels) if only is None or label in only]
         with self._lock:
             if self._closed:
                 raise RewardError("this RewardScorer is closed; create a new one")
             n = len(completions)
             states = [_TermState(n) for _ in self._terms]
-            tasks = deque(
-                _Task(k, chunk) for k in range(len(self._terms)) for chunk in _chunks(n, len(self._workers))
-            )
+            tasks = deque(_Task(k, chunk) for k in selected for chunk in _chunks(n, len(self._workers)))
             restarts_before, printed_before = self.restarts, self.log.printed_bytes
             start = time.monotonic()
             try:
@@ -280,7 +290,12 @@ class RewardScorer:
             except BaseException:
                 self._abort_in_flight()  # no stale reply may reach the next call
                 raise
-            result = self._result(states, time.monotonic() - start, self.restarts - restarts_before)
+            result = self._result(
+                [(self._terms[k], states[k]) for k in selected],
+                n,
+                time.monotonic() - start,
+                self.restarts - restarts_before,
+            )
             result.metrics["reward/printed_bytes"] = float(self.log.printed_bytes - printed_before)
             return result
 
@@ -475,13 +490,14 @@ class RewardScorer:
             ]
         )
 
-    def _result(self, states: list[_TermState], wall_s: float, restarts: int) -> ScoreResult:
-        n = states[0].n if states else 0
+    def _result(
+        self, scored: list[tuple[RewardTerm, _TermState]], n: int, wall_s: float, restarts: int
+    ) -> ScoreResult:
         metrics: dict[str, float] = {}
         per_term: dict[str, list[float | None]] = {}
         mask_reasons: dict[str, list[str | None]] = {}
         combined: list[float | None] = [0.0] * n
-        for term, state in zip(self._terms, states, strict=True):
+        for term, state in scored:
             label = term.label
             per_term[label], mask_reasons[label] = state.values, state.reasons
             mean, std = _mean_std([v for v in state.values if v is not None])

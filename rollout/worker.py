@@ -11,11 +11,14 @@ from typing import Any
 
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Group, SyncAck, WeightUpdate
+from grpo_ray.seeds import engine_seed
 from grpo_ray.weight_names import check_names
 from rollout.config import RolloutConfig
 
 
 class RolloutWorker:
+    """One vLLM engine (rollout/engine.py) and the policy version it holds (-1 until the first sync)."""
+
     def __init__(
         self,
         index: int,
@@ -35,7 +38,7 @@ class RolloutWorker:
         self.version = -1  # -1: still the checkpoint's own weights, never the learner's policy
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM sleep mode is CUDA-only
         self.engine = RolloutEngine(
-            model, cfg, seed=seed + 7919 * index, lora_rank=lora_rank, sleep_mode=self.sleep_mode
+            model, cfg, seed=engine_seed(seed, index), lora_rank=lora_rank, sleep_mode=self.sleep_mode
         )
         from rollout.worker_merge import WorkerMerge
 
@@ -51,7 +54,12 @@ class RolloutWorker:
         seeds: list[int] | None = None,
         greedy: bool = False,
     ) -> list[Group]:
-        """One group of `group_size` completions per (row index, prompt token ids)."""
+        """One Group of `group_size` completions per (row index, prompt token ids), in order.
+
+        `seeds[i]` seeds prompt i's request (its samples get seeds[i] .. seeds[i] + group_size - 1);
+        `greedy`: temperature 0. Each Group carries this worker's policy version. Raises RuntimeError
+        when asked to sample before the first sync (the engine still holds the checkpoint's weights).
+        """
         if self.version < 0 and not greedy:
             raise RuntimeError(
                 f"rollout worker {self.index} has not received the learner's policy yet; "
@@ -105,6 +113,7 @@ class RolloutWorker:
             self.engine.sleep()
 
     def wake_up(self) -> None:
+        """Take the device back after `sleep` (a no-op when sleep mode is off)."""
         if self.sleep_mode:
             self.engine.wake_up()
 
@@ -113,7 +122,9 @@ class RolloutWorker:
         return check_names(checkpoint_names, self.engine.parameter_names(), self.engine.packed_modules())
 
     def packed_modules(self) -> dict[str, list[str]]:
+        """The engine's fused modules (e.g. qkv_proj -> [q_proj, k_proj, v_proj])."""
         return self.engine.packed_modules()
 
     def info(self) -> dict[str, Any]:
+        """This worker's index, policy version and the engine's EOS token ids."""
         return {"index": self.index, "version": self.version, "eos_ids": self.engine.eos_ids}

@@ -14,6 +14,7 @@ from typing import Any
 
 from cluster.config import ConfigError, DataConfig
 from cluster.data.files import FileRows, read_files
+from grpo_ray.seeds import epoch_order_seed
 
 _ROLES = ("system", "user", "assistant")
 
@@ -240,7 +241,7 @@ class PromptStream:
         for _ in range(count):
             epoch, offset = divmod(self.cursor, len(self.prompts))
             order = list(range(len(self.prompts)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(epoch_order_seed(self.seed, epoch)).shuffle(order)
             out.append(self.prompts[order[offset]])
             self.cursor += 1
         return out

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cluster.config import RunConfig
 from cluster.placement import plan_bundles
+from grpo_ray.partition import even_counts
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,12 @@ class Plan:
 
 def derive_plan(cfg: RunConfig) -> Plan:
     sequences = cfg.prompts_per_step * cfg.group_size
-    per_worker, extra = divmod(cfg.prompts_per_step, cfg.rollout.num_workers)
     return Plan(
         sequences_per_step=sequences,
         micro_batches_per_step=sequences // cfg.learner.micro_batch_size,
         optimizer_steps_per_step=cfg.learner.passes,
-        prompts_per_worker=[per_worker + (1 if i < extra else 0) for i in range(cfg.rollout.num_workers)],
+        prompts_per_worker=even_counts(cfg.prompts_per_step, cfg.rollout.num_workers),
         total_prompts=cfg.steps * cfg.prompts_per_step,
         total_sequences=cfg.steps * sequences,
         max_sequence_tokens=cfg.data.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens,
     )
-
-
-def split_evenly(items: list, counts: list[int]) -> list[list]:
-    out, start = [], 0
-    for count in counts:
-        out.append(items[start : start + count])
-        start += count
-    return out

@@ -10,6 +10,14 @@ from grpo_ray.records import Group
 def rollout_stats(
     groups: list[Group], rewards_P_G: list[list[float | None]], correct_P_G: list[list[bool]]
 ) -> dict[str, float]:
+    """The step's rollout metrics from P groups of G completions, their rewards and verdicts.
+
+    `rewards_P_G[p][g]` is the combined reward (None: masked), `correct_P_G[p][g]` the correctness
+    verdict. Returns `reward/mean` and `reward/std` (population std) over unmasked rewards (NaN / 0
+    with none), `rollout/accuracy` (fraction correct), `rollout/zero_spread_groups` (fraction of
+    groups whose unmasked rewards are all equal: no learning signal), completion length mean and max
+    (tokens), `rollout/truncated_fraction` (hit max_new_tokens), and the oldest policy version sampled.
+    """
     valid = [r for group in rewards_P_G for r in group if r is not None]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     truncated = [c.truncated for g in groups for c in g.completions]

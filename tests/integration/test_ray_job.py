@@ -151,7 +151,7 @@ def local_head(tmp_path: Path) -> Iterator[Head]:
 def _submit(head: Head, submission_id: str, entrypoint: list[str], timeout: float) -> str:
     """The README's command; blocks until the job ends; returns its full logs."""
     runtime_env = subprocess.run(
-        [str(BIN / "python"), "-m", "cluster.job", "runtime-env"],
+        [str(BIN / "python"), "-m", "cluster.cli", "job", "runtime-env"],
         env=head.env,
         cwd=ROOT,
         capture_output=True,
@@ -192,7 +192,7 @@ def test_ray_job_submit_runs_the_demo(tmp_path: Path, tiny_model: Path) -> None:
         assert Path(python).parent == BIN and wandb_mode == "disabled"
         t_probe = time.perf_counter() - t0 - t_head
 
-        entrypoint = ["python", "-m", "cluster.train", "configs/demo.yaml", "steps=2"]
+        entrypoint = ["python", "-m", "cluster.cli", "train", "configs/demo.yaml", "steps=2"]
         entrypoint += ["data.eval_max_prompts=8", "logging.progress_bar=false"]
         entrypoint += [f"run_root={run_root}", "name=job", "ray_address=auto"]
         logs = _submit(head, f"demo-{secrets.token_hex(4)}", entrypoint, JOB_TIMEOUT_S)
@@ -204,6 +204,6 @@ def test_ray_job_submit_runs_the_demo(tmp_path: Path, tiny_model: Path) -> None:
     print("\n".join(line for line in logs.splitlines() if "held-out" in line or "actors ready" in line))
     assert "held-out accuracy:" in logs
     run_dir = run_root / "job"
-    steps = {record["step"] for record in read_metrics(run_dir)}
+    steps = {record["step"] for record in read_metrics(run_dir).records}
     assert {1, 2} <= steps, steps
     assert (run_dir / "adapter").is_dir()

@@ -29,7 +29,8 @@ def _command(run_root: Path, name: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "cluster.train",
+        "cluster.cli",
+        "train",
         str(ROOT / "configs" / "demo.yaml"),
         "steps=6",
         "checkpoint_every=1",

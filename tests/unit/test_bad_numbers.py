@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from grpo_ray.records import Batch, Completion, Group
-from learner.config import LearnerConfig
-from learner.grpo import LossSettings, grpo_loss, truncated_importance_weights
+from learner.config import LearnerConfig, LossConfig
+from learner.grpo import grpo_loss, truncated_importance_weights
 from learner.learner import Learner
 
 
@@ -28,7 +28,7 @@ def test_nonfinite_sampler_logprob_gets_ratio_one(bad: float) -> None:
 def test_nan_sampler_logprob_keeps_the_loss_and_gradient_finite() -> None:
     logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     sampler = torch.tensor([[-1.0, math.nan, -0.5]])
-    settings = LossSettings(clip_low=0.2, clip_high=0.28, beta=0.0, aggregation="token_mean", tis_cap=2.0)
+    settings = LossConfig(clip_low=0.2, clip_high=0.28, beta=0.0, aggregation="token_mean", tis_cap=2.0)
     loss, metrics = grpo_loss(
         logp,
         logp.detach(),

@@ -44,7 +44,7 @@ def test_jsonl_sink_round_trip_and_nan(tmp_path: Path) -> None:
     sink = MetricsSink(load_config(DEMO), tmp_path)
     sink.log(1, {"reward/mean": 0.5, "train/kl_mean": float("nan")})
     sink.close()
-    assert read_metrics(tmp_path) == [{"step": 1, "reward/mean": 0.5, "train/kl_mean": None}]
+    assert read_metrics(tmp_path).records == [{"step": 1, "reward/mean": 0.5, "train/kl_mean": None}]
 
 
 def test_wandb_offline_writes_locally_with_the_config(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cluster import job
+from cluster.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster" / "cluster.yaml"
@@ -217,11 +218,11 @@ def test_check_upload_size(tmp_path: Path) -> None:
 
 def test_repository_fits_and_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     job.check_upload_size(ROOT)
-    assert job.main(["runtime-env", "--working-dir", str(ROOT)]) == 0
+    assert cli_main(["job", "runtime-env", "--working-dir", str(ROOT)]) == 0
     env = json.loads(capsys.readouterr().out)
     assert env["working_dir"] == str(ROOT) and env["excludes"] == list(job.RUNTIME_ENV_EXCLUDES)
 
 
 def test_cli_refuses_a_non_checkout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert job.main(["runtime-env", "--working-dir", str(tmp_path)]) == 2
+    assert cli_main(["job", "runtime-env", "--working-dir", str(tmp_path)]) == 2
     assert "not a grpo-ray checkout" in capsys.readouterr().err

@@ -87,3 +87,22 @@ def test_config_imports_without_heavy_frameworks() -> None:
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert derive_plan(cfg).sequences_per_step == cfg.prompts_per_step * cfg.group_size
+
+
+def test_correctness_is_a_verdict_or_a_function_path_and_becomes_a_weight_zero_term() -> None:
+    cfg = load_config(DEMO, ["data.correctness=my_task.checks:is_right"])
+    scored = cfg.scored_rewards()
+    assert [(t.label, t.function, t.weight) for t in scored.terms] == [
+        ("numeric_match", "numeric_match", 1.0),
+        ("correctness", "my_task.checks:is_right", 0.0),
+    ]
+    assert cfg.rewards.terms == scored.terms[:1]  # the config itself is left as loaded
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["data.correctness=format"])  # a shaping reward, not a verdict
+    message = str(info.value)
+    assert "data.correctness" in message and "numeric_match" in message and "module:function" in message
+
+
+def test_a_reward_term_may_not_take_the_correctness_label() -> None:
+    with pytest.raises(ConfigError, match=r"reserved for data\.correctness"):
+        load_config(DEMO, ["rewards.terms=[{function: numeric_match, name: correctness}]"])

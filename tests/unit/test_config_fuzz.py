@@ -114,8 +114,10 @@ def test_any_config_file_loads_or_is_a_config_error(
     for key, value in replaced.items():
         node = raw
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node.get(part), dict | None) else {}
+        for part in parents:  # a replaced parent that is not a mapping (None, a list) becomes one
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(yaml.safe_dump(raw) + junk)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from learner.config import LossConfig
 from learner.grpo import (
-    LossSettings,
     combine_metrics,
     entropy_from_logits,
     group_advantages,
@@ -27,7 +27,7 @@ def _t(x: object, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.tensor(x, dtype=dtype)
 
 
-def _settings(**kw: object) -> LossSettings:
+def _settings(**kw: object) -> LossConfig:
     base: dict[str, object] = {
         "clip_low": 0.2,
         "clip_high": 0.28,
@@ -36,7 +36,7 @@ def _settings(**kw: object) -> LossSettings:
         "tis_cap": None,
     }
     base.update(kw)
-    return LossSettings(**base)  # type: ignore[arg-type]
+    return LossConfig(**base)  # type: ignore[arg-type]
 
 
 def _assert_close(actual: torch.Tensor, expected: object, atol: float = 1e-6) -> None:

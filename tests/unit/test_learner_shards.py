@@ -49,10 +49,11 @@ def test_shards_partition_the_batch_with_whole_batch_targets(world_size: int, mi
 
 def test_shard_losses_sum_to_the_batch_loss() -> None:
     """The gradient-equivalence premise: each rank's loss over the global normaliser sums to the batch's."""
-    from learner.grpo import LossSettings, grpo_loss
+    from learner.config import LossConfig
+    from learner.grpo import grpo_loss
 
     cfg = LearnerConfig()
-    settings = LossSettings(0.2, 0.28, 0.0, "token_mean", None)
+    settings = LossConfig(clip_low=0.2, clip_high=0.28, beta=0.0, aggregation="token_mean", tis_cap=None)
     generator = torch.Generator().manual_seed(0)
     logprobs = {
         id(c): -torch.rand(len(c.token_ids), generator=generator) for g in BATCH.groups for c in g.completions

@@ -144,3 +144,12 @@ def test_resolve_module_with_a_missing_dependency(tmp_path: Path, monkeypatch: p
         RewardConfigError, match=r"importing module 'needs_dep_xyz' failed.*not_installed_dep_xyz"
     ):
         resolve("needs_dep_xyz:score")
+
+
+def test_correctness_verdicts_are_registered_builtins() -> None:
+    from rewards.builtin import VERDICTS, check_correctness_name
+
+    assert set(VERDICTS) <= set(BUILTINS) and "format" not in VERDICTS  # shaping terms are not verdicts
+    check_correctness_name("my_task.checks:is_right")
+    with pytest.raises(RewardConfigError, match="did you mean 'numeric_match'"):
+        check_correctness_name("numeric_matc")

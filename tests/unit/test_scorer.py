@@ -149,6 +149,17 @@ def test_a_weight_zero_term_is_logged_but_cannot_mask(scorer: RewardScorer) -> N
     assert result.masked == [False, False]
 
 
+def test_only_runs_the_named_terms(scorer: RewardScorer) -> None:
+    # "hangs" would time out on row 0 if it ran; with only=["len"] it is never called.
+    result = scorer.score(["ab", "abcd"], _rows(2, **{"0": {"hang": True}}), only=["len"])
+    assert list(result.per_term) == ["len"]
+    assert result.per_term["len"] == [2.0, 4.0]
+    assert result.rewards == [1.0, 2.0]  # 0.5 * len: the combined reward of the selected terms
+    assert result.metrics["reward/time_s"] < TIMEOUT_S
+    with pytest.raises(ValueError, match=r"names no configured term: \['nope'\]"):
+        scorer.score(["a"], _rows(1), only=["nope"])
+
+
 def test_a_hanging_sample_times_out_and_training_goes_on(scorer: RewardScorer) -> None:
     start = time.monotonic()
     result = scorer.score(["a"] * 4, _rows(4, **{"1": {"hang": True}}))
