@@ -107,6 +107,11 @@ class RunConfig(Strict):
     )
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    max_learner_restarts: int = Field(
+        2,
+        ge=0,
+        description="Times a dead learner is restarted from the newest checkpoint before the run stops.",
+    )
     resume: str = Field(
         "never", description="'never', 'auto' (newest complete checkpoint of this run), or a checkpoint path."
     )

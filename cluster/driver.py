@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
 from cluster.planning.batch_plan import derive_plan
+from cluster.recovery import LearnerLostError, PoolSizeRequests, checkpoint_advice, forget_metrics_after
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
@@ -54,6 +56,10 @@ class _Session:
     sink: MetricsSink
     held_out: list[Prompt]
     echo: Any
+    model: str = ""
+    pad_id: int = 0
+    stack: ExitStack | None = None
+    pool_size: PoolSizeRequests | None = None
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -75,24 +81,15 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
-        version, acks = _sync(cfg, session.learner, session.pool, include_base=True)
+        version, _ = _sync(cfg, session.learner, session.pool, include_base=True)
         if checkpoint is None:
             before = _evaluate(session, run_dir, step=0)
             state.accuracy_before = before.get("eval/accuracy")
 
-        stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
-        progress = _progress(cfg, first_step=state.step)
-        for step in range(state.step + 1, cfg.steps + 1):
-            values, version, acks = _train_step(session, stream, step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                values.update(_evaluate(session, run_dir, step, log=False))
-            session.sink.log(step, values)
-            progress(step, values)
-            state = TrainerState(step, version, stream.cursor, state.accuracy_before)
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                learner_checkpoint = session.learner.checkpoint_state()
-                save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
-
+        state, version = _train_steps_surviving_learner(session, train, state, version, checkpoint)
+        session.pool.admit()  # a worker restarted late joins now if its engine is up (no waiting)
+        acks = [session.pool.last_acks[slot] for slot in sorted(session.pool.active)]
+        nodes = session.pool.nodes
         after = _evaluate(session, run_dir, step=cfg.steps)
         write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
     echo(f"report: {write_report(run_dir)}")
@@ -100,7 +97,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
-    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, session.pool.nodes)
+    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, nodes)
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
@@ -126,11 +123,89 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     return values["eval/accuracy"]
 
 
+def _train_steps_surviving_learner(
+    session: _Session, train: PromptSet, state: TrainerState, version: int, started_from: Path | None
+) -> tuple[TrainerState, int]:
+    """The step loop; when the learner dies, it is restarted from the newest complete checkpoint
+    (or from step 0 without one) and the lost steps are redone exactly, as `--resume` would."""
+    import ray
+
+    first, restarts = state, 0
+    lost: BaseException | None = None
+    while True:
+        try:
+            if lost is not None:  # inside the try: a learner that dies while restarting counts too
+                state, version = _restart_learner(session, lost, restarts, first, started_from)
+            return _train_steps(session, train, state, version)
+        except ray.exceptions.RayActorError as err:  # the pool handles its own workers: this is the learner
+            if restarts == session.cfg.max_learner_restarts:
+                raise LearnerLostError.after(session.cfg, session.pool.step, err, restarts) from None
+            lost, restarts = err, restarts + 1
+
+
+def _train_steps(
+    session: _Session, train: PromptSet, state: TrainerState, version: int
+) -> tuple[TrainerState, int]:
+    cfg, run_dir = session.cfg, session.cfg.run_dir
+    stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
+    progress = _progress(cfg, first_step=state.step)
+    for step in range(state.step + 1, cfg.steps + 1):
+        session.pool.step = step
+        assert session.pool_size is not None
+        session.pool_size.apply(session.pool)  # a `grpo-ray scale` request, at this step boundary
+        values, version, _ = _train_step(session, stream, step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            values.update(_evaluate(session, run_dir, step, log=False))
+        session.sink.log(step, values)
+        progress(step, values)
+        state = TrainerState(step, version, stream.cursor, state.accuracy_before)
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            learner_checkpoint = session.learner.checkpoint_state()
+            save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
+    return state, version
+
+
+def _restart_learner(
+    session: _Session, err: BaseException, attempt: int, first: TrainerState, started_from: Path | None
+) -> tuple[TrainerState, int]:
+    """A new learner, restored through the same code path as `--resume`; every worker gets a full sync."""
+    from cluster.placement import start_learner_group
+
+    cfg, run_dir, echo = session.cfg, session.cfg.run_dir, session.echo
+    died_at = session.pool.step
+    checkpoint = find_resume_point(run_dir, "auto", lambda *_: None) or started_from
+    where = f"checkpoint {checkpoint.name}" if checkpoint is not None else "step 0 (no checkpoint yet)"
+    echo(
+        f"learner died at step {died_at} ({type(err).__name__}); restarting it from {where} "
+        f"({attempt}/{cfg.max_learner_restarts}). {checkpoint_advice(cfg)}"
+    )
+    with contextlib.suppress(Exception):  # its actors are already dead: nothing left to free
+        session.learner.stop()
+    learner = start_learner_group(cfg, session.model, session.pad_id)
+    assert session.stack is not None
+    session.stack.callback(learner.stop)
+    learner.weight_names(session.pool.packed_modules)  # the learner remembers the engine's fusion map
+    session.learner = learner
+    session.pool.full_sync = _full_sync(cfg, learner, session.pool)
+    if checkpoint is None:
+        state = TrainerState(step=0, version=0, cursor=0, accuracy_before=first.accuracy_before)
+        forget_metrics_after(run_dir, 0)
+    else:
+        state, learner_state = _load_resume(cfg, checkpoint, run_dir)
+        learner.restore(learner_state, state.version)
+    version, _ = _sync(cfg, learner, session.pool, include_base=True)
+    echo(
+        f"learner restarted at step {state.step} (policy v{version}); redoing steps {state.step + 1}..{died_at}"
+    )
+    return state, version
+
+
 def _train_step(
     session: _Session, stream: PromptStream, step: int
 ) -> tuple[dict[str, float], int, list[SyncAck]]:
     """One GRPO step: sample prompts, generate, score, train, sync. Returns its metrics."""
     cfg = session.cfg
+    session.pool.step = step
     timer = _Timer()
     prompts = stream.take(cfg.prompts_per_step)
     with timer("generate"):
@@ -158,6 +233,8 @@ def _train_step(
         **scored.metrics,
         **train_metrics,
         **timer.values,
+        **session.pool.take_metrics(),
+        "rollout/groups": float(len(groups)),
         "policy_version": float(version),
         "sync/workers_acked": float(len(acks)),
     }
@@ -198,6 +275,14 @@ def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None
     return checkpoint, state, learner_state
 
 
+def _load_resume(cfg: RunConfig, checkpoint: Path, run_dir: Path) -> tuple[TrainerState, Any]:
+    """What a learner restart restores: the resume path above, minus choosing the checkpoint."""
+    state, learner_state, saved = load_checkpoint(checkpoint)
+    check_compatible(saved, cfg)
+    restore_metrics(checkpoint, run_dir)
+    return state, learner_state
+
+
 def _set_aside_previous_run(run_dir: Path, echo: Any) -> None:
     # A fresh run never overwrites an earlier one's checkpoints or metrics: they are moved aside.
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -219,7 +304,10 @@ def _open_session(
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
-    return _Session(cfg, learner, pool, scorer, sink, held_out, echo)
+    pool_size = PoolSizeRequests(cfg, echo)
+    return _Session(
+        cfg, learner, pool, scorer, sink, held_out, echo, model, _pad_id(tokenizer), stack, pool_size
+    )
 
 
 def _size_colocated_engine(cfg: RunConfig, model: str, echo: Any) -> None:
@@ -275,7 +363,7 @@ def _start(
 ) -> tuple[Any, RolloutPool]:
     import ray
 
-    from cluster.placement import bundle_nodes, start_learner_group, start_workers
+    from cluster.placement import WorkerSlots, bundle_nodes, start_learner_group
 
     if not ray.is_initialized():
         # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
@@ -288,15 +376,25 @@ def _start(
             logging_level=logging.WARNING,
         )
         stack.callback(ray.shutdown)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The learner ranks load the model while the engines start; both are waited on below.
-    learner = start_learner_group(cfg, model, pad_id)
+    learner = start_learner_group(cfg, model, _pad_id(tokenizer))
     stack.callback(learner.stop)
-    workers, group = start_workers(cfg, model, echo)
-    stack.callback(_stop_actors, workers, group)
+    slots = WorkerSlots(cfg, model, echo)
+    workers = [slots.start(i) for i in range(cfg.rollout.num_workers)]
     t0 = time.perf_counter()
-    pool = RolloutPool(workers, bundle_nodes(group))
+    pool = RolloutPool(
+        workers,
+        bundle_nodes(slots.group),
+        slots,
+        prompts_per_chunk=cfg.rollout.prompts_per_chunk,
+        max_restarts=cfg.rollout.max_restarts,
+        restart_timeout_s=cfg.rollout.restart_timeout_s,
+        echo=echo,
+    )
+    stack.callback(pool.stop)
+    pool.full_sync = _full_sync(cfg, learner, pool)
     packed = _get(workers[0].packed_modules.remote())
+    pool.packed_modules = packed
     names = learner.weight_names(packed)
     problems = _get(workers[0].check_weight_names.remote(names))
     if problems:
@@ -309,11 +407,23 @@ def _start(
     return learner, pool
 
 
-def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _full_sync(cfg: RunConfig, learner: Any, pool: RolloutPool) -> Any:
+    """What a restarted or added worker gets before it takes work: the whole policy, acknowledged."""
+    return lambda slots: _sync(cfg, learner, pool, include_base=True, slots=slots)[1]
+
+
+def _sync(
+    cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool, slots: list[int] | None = None
+) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
     The first sync of a run also carries the dequantized 4-bit layers, so from step 0 the engines
-    run exactly the learner's policy, never the checkpoint's full-precision weights.
+    run exactly the learner's policy, never the checkpoint's full-precision weights. `slots`: only
+    those workers (a restarted or added one, with include_base); default all active ones.
     """
     kinds: list[tuple[str, bool]] = [("merged", include_base)]
     if cfg.sync == "adapter":
@@ -323,7 +433,7 @@ def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -
     for kind, with_base in kinds:
         update_ref, summary_ref = learner.export_for_sync(kind, with_base)
         version, checksum = _get(summary_ref)
-        acks = pool.sync(update_ref, version, checksum)
+        acks = pool.sync(update_ref, version, checksum, slots)
     return version, acks
 
 
@@ -344,15 +454,6 @@ def _get(ref: Any) -> Any:
     import ray
 
     return ray.get(ref)
-
-
-def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-    remove_placement_group(group)
 
 
 def _dump_yaml(cfg: RunConfig) -> str:

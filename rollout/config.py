@@ -51,6 +51,20 @@ class RolloutConfig(Strict):
         True, description="Share the prompt's KV cache across the group's samples."
     )
     threads_per_worker: int = Field(1, ge=1, description="CPU only: torch/OpenMP threads each engine uses.")
+    prompts_per_chunk: int = Field(
+        4,
+        ge=1,
+        description="Prompts per generate call: idle workers pull chunks of this many from the step's "
+        "queue (what is sampled depends on the chunks, never on which worker ran them).",
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of one worker slot after it dies before it is dropped (crash loop)."
+    )
+    restart_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A restarted or added worker whose engine is not up this long counts as dead.",
+    )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="How completions are sampled."
     )
