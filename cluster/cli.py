@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         help="weights dtype (default: the run's rollout dtype)",
     )
 
+    scale = commands.add_parser(
+        "scale", help="resize a running run's rollout pool (applied at its next step boundary)"
+    )
+    scale.add_argument("run_dir", help="the run directory (RUN_ROOT/NAME)")
+    scale.add_argument("workers", type=int, help="rollout workers wanted")
+
     report = commands.add_parser("report", help="write RUN_DIR/report/index.html with plots of the run")
     report.add_argument("run_dir", help="a run directory")
 
@@ -117,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; completed checkpoints are kept (resume with --resume)", file=sys.stderr)
         return 130
     except Exception as err:  # errors raised on purpose carry their fix; anything else keeps its traceback
-        from cluster.rollout_pool import SyncError
+        from cluster.recovery import LearnerLostError
+        from cluster.rollout_pool import RolloutPoolError, SyncError
         from rewards.base import RewardError
 
-        if isinstance(err, (SyncError, RewardError)):
+        if isinstance(err, (SyncError, RewardError, RolloutPoolError, LearnerLostError)):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise
@@ -146,6 +153,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(_run_config(target))
         out = export_merged(cfg, _adapter_dir(target), Path(args.merged), args.dtype or cfg.rollout.dtype)
         print(f"merged model written to {out}")
+    elif args.command == "scale":
+        from cluster.scale import request_pool_size
+
+        path = request_pool_size(Path(args.run_dir), args.workers)
+        print(f"asked for {args.workers} rollout worker(s) in {path}; the run applies it at its next step")
     elif args.command == "report":
         from cluster.telemetry.report import write_report
 

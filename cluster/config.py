@@ -189,6 +189,12 @@ class RunConfig(Strict):
     keep_checkpoints: int = Field(
         2, ge=1, le=MAX_COUNT, description="How many of the newest checkpoints to keep."
     )
+    max_learner_restarts: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="Times a dead learner is restarted from the newest checkpoint before the run stops.",
+    )
     resume: str = Field(
         "never",
         min_length=1,

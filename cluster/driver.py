@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 from cluster.checkpoint import (
     TrainerState,
     check_compatible,
+    load_checkpoint,
     load_resume_point,
     restore_metrics,
     save_checkpoint,
@@ -23,6 +25,7 @@ from cluster.handles import LearnerHandle
 from cluster.planning.batch_plan import derive_plan
 from cluster.planning.model_limits import check_model_limits
 from cluster.ray_session import init_ray
+from cluster.recovery import LearnerLostError, PoolSizeRequests, checkpoint_advice, forget_metrics_after
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.run_dir import check_run_root_writable, set_aside_previous_run
 from cluster.telemetry.console import quiet_console
@@ -57,6 +60,10 @@ class _Session:
     sink: MetricsSink
     held_out: list[Prompt]
     echo: Any
+    model: str = ""
+    pad_id: int = 0
+    stack: ExitStack | None = None
+    pool_size: PoolSizeRequests | None = None
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -90,24 +97,15 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
-        version, acks = _sync(cfg, session.learner, session.pool, include_base=True)
+        version, _ = _sync(cfg, session.learner, session.pool, include_base=True)
         if checkpoint is None:
             before = _evaluate(session, run_dir, step=0)
             state.accuracy_before = before.get("eval/accuracy")
 
-        stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
-        progress = _progress(cfg, first_step=state.step)
-        for step in range(state.step + 1, cfg.steps + 1):
-            values, version, acks = _train_step(session, stream, step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                values.update(_evaluate(session, run_dir, step, log=False))
-            session.sink.log(step, values)
-            progress(step, values)
-            state = TrainerState(step, version, stream.cursor, state.accuracy_before)
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                learner_checkpoint = session.learner.checkpoint_state()
-                save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
-
+        state, version = _train_steps_surviving_learner(session, train, state, version, checkpoint)
+        session.pool.admit()  # a worker restarted late joins now if its engine is up (no waiting)
+        acks = [session.pool.last_acks[slot] for slot in sorted(session.pool.active)]
+        nodes = session.pool.nodes
         after = _evaluate(session, run_dir, step=cfg.steps)
         write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
     echo(f"report: {write_report(run_dir)}")
@@ -115,7 +113,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
         echo(f"held-out accuracy: {acc_before:.3f} -> {acc_after:.3f} (wall time {seconds:.0f} s)")
-    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, session.pool.nodes)
+    return RunResult(acc_before, acc_after, seconds, version, acks, run_dir, nodes)
 
 
 def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> float:
@@ -152,11 +150,95 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     return values["eval/accuracy"]
 
 
+def _train_steps_surviving_learner(
+    session: _Session, train: PromptSet, state: TrainerState, version: int, started_from: Path | None
+) -> tuple[TrainerState, int]:
+    """The step loop; when the learner dies, it is restarted from the newest complete checkpoint
+    (or from step 0 without one) and the lost steps are redone exactly, as `--resume` would."""
+    import ray
+
+    first, restarts = state, 0
+    lost: BaseException | None = None
+    while True:
+        try:
+            if lost is not None:  # inside the try: a learner that dies while restarting counts too
+                state, version = _restart_learner(session, lost, restarts, first, started_from)
+            return _train_steps(session, train, state, version)
+        except ray.exceptions.RayActorError as err:  # the pool handles its own workers: this is the learner
+            if restarts == session.cfg.max_learner_restarts:
+                raise LearnerLostError.after(session.cfg, session.pool.step, err, restarts) from None
+            lost, restarts = err, restarts + 1
+
+
+def _train_steps(
+    session: _Session, train: PromptSet, state: TrainerState, version: int
+) -> tuple[TrainerState, int]:
+    cfg, run_dir = session.cfg, session.cfg.run_dir
+    stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
+    progress = _progress(cfg, first_step=state.step)
+    for step in range(state.step + 1, cfg.steps + 1):
+        session.pool.step = step
+        assert session.pool_size is not None
+        session.pool_size.apply(session.pool)  # a `grpo-ray scale` request, at this step boundary
+        values, version, _ = _train_step(session, stream, step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            values.update(_evaluate(session, run_dir, step, log=False))
+        session.sink.log(step, values)
+        progress(step, values)
+        state = TrainerState(step, version, stream.cursor, state.accuracy_before)
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            learner_checkpoint = session.learner.checkpoint_state()
+            save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
+    return state, version
+
+
+def _restart_learner(
+    session: _Session, err: BaseException, attempt: int, first: TrainerState, started_from: Path | None
+) -> tuple[TrainerState, int]:
+    """A new learner, restored through the same code path as `--resume`; every worker gets a full sync."""
+    from cluster.placement import start_learner_group
+
+    cfg, run_dir, echo = session.cfg, session.cfg.run_dir, session.echo
+    died_at = session.pool.step
+    # The same loader as --resume: a corrupt newest checkpoint is set aside and the next one used.
+    loaded = load_resume_point(run_dir, "auto", echo)
+    if loaded is None and started_from is not None:
+        loaded = (started_from, *load_checkpoint(started_from))
+    checkpoint = loaded[0] if loaded is not None else None
+    where = f"checkpoint {checkpoint.name}" if checkpoint is not None else "step 0 (no checkpoint yet)"
+    echo(
+        f"learner died at step {died_at} ({type(err).__name__}); restarting it from {where} "
+        f"({attempt}/{cfg.max_learner_restarts}). {checkpoint_advice(cfg)}"
+    )
+    with contextlib.suppress(Exception):  # its actors are already dead: nothing left to free
+        session.learner.stop()
+    learner = start_learner_group(cfg, session.model, session.pad_id)
+    assert session.stack is not None
+    session.stack.callback(learner.stop)
+    learner.weight_names(session.pool.packed_modules)  # the learner remembers the engine's fusion map
+    session.learner = learner
+    session.pool.full_sync = _full_sync(cfg, learner, session.pool)
+    if loaded is None:
+        state = TrainerState(step=0, version=0, cursor=0, accuracy_before=first.accuracy_before)
+        forget_metrics_after(run_dir, 0)
+    else:
+        checkpoint, state, learner_state, saved = loaded
+        check_compatible(saved, cfg)
+        restore_metrics(checkpoint, run_dir)
+        learner.restore(learner_state, state.version)
+    version, _ = _sync(cfg, learner, session.pool, include_base=True)
+    echo(
+        f"learner restarted at step {state.step} (policy v{version}); redoing steps {state.step + 1}..{died_at}"
+    )
+    return state, version
+
+
 def _train_step(
     session: _Session, stream: PromptStream, step: int
 ) -> tuple[dict[str, float], int, list[SyncAck]]:
     """One GRPO step: sample prompts, generate, score, train, sync. Returns its metrics."""
     cfg = session.cfg
+    session.pool.step = step
     timer = _Timer()
     prompts = stream.take(cfg.prompts_per_step)
     with timer("generate"):
@@ -185,6 +267,8 @@ def _train_step(
         **scored.metrics,
         **train_metrics,
         **timer.values,
+        **session.pool.take_metrics(),
+        "rollout/groups": float(len(groups)),
         "policy_version": float(version),
         "sync/workers_acked": float(len(acks)),
     }
@@ -238,7 +322,10 @@ def _open_session(
     learner, pool = _start(cfg, model, tokenizer, stack, echo)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
-    return _Session(cfg, learner, pool, scorer, sink, held_out, echo)
+    pool_size = PoolSizeRequests(cfg, echo)
+    return _Session(
+        cfg, learner, pool, scorer, sink, held_out, echo, model, _pad_id(tokenizer), stack, pool_size
+    )
 
 
 def _check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
@@ -306,22 +393,32 @@ def _start(
 ) -> tuple[LearnerHandle, RolloutPool]:
     import ray
 
-    from cluster.placement import bundle_nodes, start_learner_group, start_workers
+    from cluster.placement import WorkerSlots, bundle_nodes, start_learner_group
 
     if not ray.is_initialized():
         # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray
         # bound to loopback only (cluster/ray_session.py).
         init_ray(cfg.ray_address, log_to_driver=True)
         stack.callback(ray.shutdown)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The learner ranks load the model while the engines start; both are waited on below.
-    learner = start_learner_group(cfg, model, pad_id)
+    learner = start_learner_group(cfg, model, _pad_id(tokenizer))
     stack.callback(learner.stop)
-    workers, group = start_workers(cfg, model, echo)
-    stack.callback(_stop_actors, workers, group)
+    slots = WorkerSlots(cfg, model, echo)
+    workers = [slots.start(i) for i in range(cfg.rollout.num_workers)]
     t0 = time.perf_counter()
-    pool = RolloutPool(workers, bundle_nodes(group))
+    pool = RolloutPool(
+        workers,
+        bundle_nodes(slots.group),
+        slots,
+        prompts_per_chunk=cfg.rollout.prompts_per_chunk,
+        max_restarts=cfg.rollout.max_restarts,
+        restart_timeout_s=cfg.rollout.restart_timeout_s,
+        echo=echo,
+    )
+    stack.callback(pool.stop)
+    pool.full_sync = _full_sync(cfg, learner, pool)
     packed = _get(workers[0].packed_modules.remote())
+    pool.packed_modules = packed
     names = learner.weight_names(packed)
     problems = _get(workers[0].check_weight_names.remote(names))
     if problems:
@@ -334,8 +431,21 @@ def _start(
     return learner, pool
 
 
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _full_sync(cfg: RunConfig, learner: LearnerHandle, pool: RolloutPool) -> Any:
+    """What a restarted or added worker gets before it takes work: the whole policy, acknowledged."""
+    return lambda slots: _sync(cfg, learner, pool, include_base=True, slots=slots)[1]
+
+
 def _sync(
-    cfg: RunConfig, learner: LearnerHandle, pool: RolloutPool, include_base: bool
+    cfg: RunConfig,
+    learner: LearnerHandle,
+    pool: RolloutPool,
+    include_base: bool,
+    slots: list[int] | None = None,
 ) -> tuple[int, list[SyncAck]]:
     """Export once into the object store; every worker loads that copy; acks are checked against it.
 
@@ -343,7 +453,8 @@ def _sync(
     NF4), so from step 0 the engines run exactly the learner's policy, never the checkpoint's
     full-precision weights. worker_merge later sends only LoRA A/B; on the first sync, every
     `sync_check_every` versions and at the last step, each worker's rebuilt weights are checked
-    against the learner's own merge.
+    against the learner's own merge. `slots`: only those workers (a restarted or added one, with
+    include_base); default all active ones. Raises SyncError naming a worker whose ack differs.
     """
     kinds: list[tuple[str, bool]] = [("merged", include_base)]
     if cfg.sync == "adapter":
@@ -355,7 +466,7 @@ def _sync(
     for kind, with_base in kinds:
         update_ref, summary_ref = learner.export_for_sync(kind, with_base, cfg.sync_check_every, cfg.steps)
         version, checksum, merged_checksum = _get(summary_ref)
-        acks = pool.sync(update_ref, version, checksum)
+        acks = pool.sync(update_ref, version, checksum, slots)
         for ack in acks if merged_checksum is not None else []:
             if ack.merged_checksum != merged_checksum:
                 raise SyncError(
@@ -374,16 +485,6 @@ def _get(ref: Any) -> Any:
     import ray
 
     return ray.get(ref)
-
-
-def _stop_actors(actors: list[Any], group: Any) -> None:
-    """Kill the rollout workers and remove their placement group."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-    remove_placement_group(group)
 
 
 def _dump_yaml(cfg: RunConfig) -> str:

@@ -7,7 +7,7 @@ each (SPREAD over nodes). `colocate`: the learner and one engine on the same GPU
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from cluster.config import RunConfig
 from cluster.handles import LearnerHandle, RolloutWorkerHandle
@@ -100,6 +100,8 @@ def start_learner_group(
 
 
 def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, strategy: Any = None) -> Any:
+    import uuid
+
     import ray
 
     from learner.learner import Learner
@@ -108,7 +110,8 @@ def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, stra
         "num_cpus": bundle.cpus,
         "num_gpus": bundle.gpus,
         "runtime_env": {"env_vars": learner_env(cfg)},
-        "name": None,
+        # named like the rollout workers (WorkerSlots), so tools find it with list_named_actors()
+        "name": f"{cfg.name}.{uuid.uuid4().hex[:8]}.learner",
     }
     if strategy is not None:
         options["scheduling_strategy"] = strategy
@@ -123,33 +126,114 @@ def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, stra
 
 def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[RolloutWorkerHandle], Any]:
     """(rollout workers, their placement group): one bundle each, SPREAD in split mode."""
+    group = _worker_group(cfg, cfg.rollout.num_workers, echo)
+    workers = [_worker_actor(cfg, model, i, group, i) for i in range(cfg.rollout.num_workers)]
+    return workers, group
+
+
+class WorkerSlots:
+    """Starts, restarts and removes rollout workers by slot (the rollout pool's worker index).
+
+    Slots 0..num_workers-1 are the bundles of the run's placement group (SPREAD over nodes in split
+    mode). A restart is a new actor in the same bundle: when its node is gone, Ray re-places that
+    bundle on another node with room, and the new actor waits for it. Slots added later (the pool
+    grows) get a one-bundle placement group each, removed with the worker. A removed slot of the
+    first group keeps its bundle reserved (a placement group cannot shrink) and is reused first
+    when the pool grows again. Actors are named `<run>.<token>.rollout-<slot>.<restart>` so tools
+    (and tests) find them with `ray.util.list_named_actors()`.
+    """
+
+    def __init__(self, cfg: RunConfig, model: str, echo: Any = None) -> None:
+        import uuid
+
+        self.cfg = cfg
+        self.model = model
+        self.prefix = f"{cfg.name}.{uuid.uuid4().hex[:8]}"
+        self.first = cfg.rollout.num_workers
+        self.group = _worker_group(cfg, self.first, echo)
+        self.own_groups: dict[int, Any] = {}  # slot -> the one-bundle group of a slot added later
+        self.generation: dict[int, int] = {}  # slot -> actors started for it so far
+
+    def start(self, slot: int) -> Any:
+        """A new RolloutWorker for `slot`; returns at once (the engine loads in the actor)."""
+        if slot < self.first:
+            group, index = self.group, slot
+        else:
+            if slot not in self.own_groups:
+                self.own_groups[slot] = _worker_group(self.cfg, 1, None, wait=False)
+            group, index = self.own_groups[slot], 0
+        generation = self.generation.get(slot, 0)
+        self.generation[slot] = generation + 1
+        name = f"{self.prefix}.rollout-{slot}.{generation}"
+        return _worker_actor(self.cfg, self.model, slot, group, index, name)
+
+    def release(self, slot: int, actor: Any) -> None:
+        """Kill `actor` (if still alive) and free what only `slot` used."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        ray.kill(actor)
+        if slot in self.own_groups:
+            remove_placement_group(self.own_groups.pop(slot))
+
+    def node(self, slot: int) -> str:
+        """The Ray node id `slot`'s bundle is placed on ('?' while it is being re-placed)."""
+        group, index = (self.group, slot) if slot < self.first else (self.own_groups.get(slot), 0)
+        if group is None:
+            return "?"
+        try:
+            return str(bundle_nodes(group)[index] or "?")
+        except Exception:  # the table is best-effort information for log lines
+            return "?"
+
+    def stop(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in [self.group, *self.own_groups.values()]:
+            remove_placement_group(group)
+        self.own_groups.clear()
+
+
+def _worker_group(cfg: RunConfig, count: int, echo: Any, wait: bool = True) -> Any:
     import ray
     from ray.util.placement_group import placement_group
+
+    bundle = plan_bundles(cfg)[1]
+    bundles = [Bundle(f"rollout-{i}", bundle.cpus, bundle.gpus, bundle.label) for i in range(count)]
+    group = placement_group(
+        [_resources(b) for b in bundles], strategy="SPREAD" if cfg.placement == "split" else "PACK"
+    )
+    if wait:
+        ray.get(group.ready())
+        if echo is not None:
+            echo(describe_placement(group, bundles))
+    return group
+
+
+def _worker_actor(
+    cfg: RunConfig, model: str, slot: int, group: Any, bundle_index: int, name: str | None = None
+) -> Any:
+    import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from rollout.worker import RolloutWorker
 
-    worker_bundles = plan_bundles(cfg)[1:]
-    group = placement_group(
-        [_resources(b) for b in worker_bundles], strategy="SPREAD" if cfg.placement == "split" else "PACK"
-    )
-    ray.get(group.ready())
-    if echo is not None:
-        echo(describe_placement(group, worker_bundles))
+    bundle = plan_bundles(cfg)[1]
     lora_rank = cfg.learner.lora.rank if cfg.sync == "adapter" else None
-    workers = [
+    return (
         ray.remote(RolloutWorker)
         .options(
             num_cpus=bundle.cpus,
             num_gpus=bundle.gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=bundle_index
+            ),
             runtime_env={"env_vars": worker_env(cfg)},
+            name=name,
+            max_restarts=0,  # the rollout pool restarts workers itself: it must re-sync them first
         )
-        .remote(i, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
-        for i, bundle in enumerate(worker_bundles)
-    ]
-    # Ray types an actor handle's methods as Never; the Protocol names the verbs the driver calls.
-    return cast("list[RolloutWorkerHandle]", workers), group
+        .remote(slot, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
+    )
 
 
 def bundle_nodes(group: Any) -> list[str]:

@@ -72,6 +72,25 @@ class RolloutConfig(Strict):
     threads_per_worker: int = Field(
         1, ge=1, le=1024, description="CPU only: torch/OpenMP threads each engine uses."
     )
+    prompts_per_chunk: int = Field(
+        4,
+        ge=1,
+        le=1 << 20,
+        description="Prompts per generate call: idle workers pull chunks of this many from the step's "
+        "queue (what is sampled depends on the chunks, never on which worker ran them).",
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Restarts of one worker slot after it dies before it is dropped (crash loop).",
+    )
+    restart_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="A restarted or added worker whose engine is not up this long counts as dead.",
+    )
     worker_merge_base: Literal["device", "host"] = Field(
         "device",
         description="sync: worker_merge: keep the packed base on the engine's GPU (~0.52 B/param of its "

@@ -30,8 +30,9 @@ class Plan:
             f"{cfg.rollout.sampling.max_new_tokens} = {self.max_sequence_tokens} (engine max {cfg.rollout.max_model_len})",
             f"  policy  : {cfg.learner.quantization} base + LoRA r={cfg.learner.lora.rank} "
             f"alpha={cfg.learner.lora.alpha} on {cfg.learner.lora.target_modules}; sync '{cfg.sync}'",
-            f"  workers : {cfg.rollout.num_workers} rollout worker(s), prompts per worker per step "
-            f"{self.prompts_per_worker}; placement '{cfg.placement}'",
+            f"  workers : {cfg.rollout.num_workers} rollout worker(s) pulling chunks of "
+            f"{cfg.rollout.prompts_per_chunk} prompts ({-(-cfg.prompts_per_step // cfg.rollout.prompts_per_chunk)} "
+            f"per step) from a queue; placement '{cfg.placement}'",
         ]
         for bundle in plan_bundles(cfg):
             lines.append(f"    {bundle.role:<10} CPU {bundle.cpus:g}  GPU {bundle.gpus:g}")

@@ -179,3 +179,20 @@ def test_minimal_run_without_config_or_eval(tmp_path: Path) -> None:
     assert plotted_series(run_dir) == {"reward.png": ["reward/mean"]}
     assert "No config.yaml" in page and "No eval results" in page
     assert "<h1>bare</h1>" in page
+
+
+def test_pool_plot_shows_workers_per_step(tmp_path: Path) -> None:
+    run_dir = _make_run(tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]  # drop the cut-off last line
+    workers = {s: (1.0 if s < 4 or s > 7 else 2.0) for s in range(1, STEPS + 1)}
+    pool = [
+        json.dumps(
+            {"step": s, "pool/workers": w, "pool/restarts": float(s == 5), "pool/requeued_prompts": 0.0}
+        )
+        for s, w in workers.items()
+    ]
+    (run_dir / "metrics.jsonl").write_text("\n".join([*lines, *pool]) + "\n")
+    write_report(run_dir)
+    series = plotted_series(run_dir)
+    assert series["pool.png"] == ["pool/workers", "pool/restarts", "pool/requeued_prompts"]
+    assert (run_dir / "report" / "pool.png").read_bytes().startswith(PNG_MAGIC)

@@ -45,7 +45,9 @@ class _Pool:
     def __init__(self, rebuilt: list[str | None]) -> None:
         self.rebuilt = rebuilt
 
-    def sync(self, update_ref: str, version: int, checksum: str) -> list[SyncAck]:
+    def sync(
+        self, update_ref: str, version: int, checksum: str, slots: list[int] | None = None
+    ) -> list[SyncAck]:
         return [SyncAck(i, version, checksum, 0.1, merged_checksum=m) for i, m in enumerate(self.rebuilt)]
 
 

@@ -203,6 +203,13 @@ def _draw_optimizer(fig: Any, m: Metrics, keys: list[str]) -> None:
         _finish(ax, key.removeprefix("train/"), key.removeprefix("train/"), outside=False)
 
 
+def _draw_pool(fig: Any, m: Metrics, keys: list[str]) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    for key in keys:
+        _line(ax, m, key, drawstyle="steps-mid")
+    _finish(ax, "Rollout pool: workers per step, restarts and re-queued prompts", "count")
+
+
 def _term_keys(m: Metrics) -> list[str]:
     return sorted(k for k in m.logged_keys() if _TERM_MEAN.match(k) and m.has(k))
 
@@ -239,6 +246,12 @@ PLOTS: tuple[PlotSpec, ...] = (
     ),
     PlotSpec("step_time.png", "Step time breakdown", _present(*TIME_KEYS), _draw_time),
     PlotSpec("reward_terms.png", "Reward terms", _term_keys, _draw_terms),
+    PlotSpec(
+        "pool.png",
+        "Rollout pool",
+        _present("pool/workers", "pool/joining", "pool/restarts", "pool/requeued_prompts"),
+        _draw_pool,
+    ),
     PlotSpec(
         "optimizer.png",
         "Loss, entropy, clipping, gradient norm",
