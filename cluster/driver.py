@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,10 +20,12 @@ from cluster.checkpoint import (
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
+from cluster.launch import await_ready, launch, report_startup
 from cluster.planning.batch_plan import derive_plan
-from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.rollout_pool import RolloutPool
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
+from cluster.telemetry.startup import StartupClock
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
 from rewards import RewardScorer
@@ -58,10 +58,13 @@ class _Session:
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     start = time.perf_counter()
+    clock = StartupClock()
+    clock.add("python + imports + config", clock.origin, time.time(), cpu=time.process_time())
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
-    tokenizer = _load_tokenizer(model)
-    train, held_out = _load_data(cfg, tokenizer, echo)
+    with clock.span("tokenizer + data"):
+        tokenizer = _load_tokenizer(model)
+        train, held_out = _load_data(cfg, tokenizer, echo)
     run_dir = cfg.run_dir
     checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,21 +72,26 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
-        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
+        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo, clock)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
-        version, acks = _sync(cfg, session.learner, session.pool, include_base=True)
+        with clock.span("first sync"):
+            version, acks = _sync(cfg, session.learner, session.pool, include_base=True)
         if checkpoint is None:
-            before = _evaluate(session, run_dir, step=0)
+            with clock.span("eval step 0"):
+                before = _evaluate(session, run_dir, step=0)
             state.accuracy_before = before.get("eval/accuracy")
 
         stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
         progress = _progress(cfg, first_step=state.step)
-        for step in range(state.step + 1, cfg.steps + 1):
-            values, version, acks = _train_step(session, stream, step)
+        report_startup(clock, session.learner, session.pool.workers, run_dir, echo)
+        first_step = state.step + 1
+        for step in range(first_step, cfg.steps + 1):
+            with clock.span("first step" if step == first_step else "later steps"):
+                values, version, acks = _train_step(session, stream, step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 values.update(_evaluate(session, run_dir, step, log=False))
             session.sink.log(step, values)
@@ -93,9 +101,15 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
                 learner_checkpoint = session.learner.checkpoint_state()
                 save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
 
-        after = _evaluate(session, run_dir, step=cfg.steps)
-        write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
-    echo(f"report: {write_report(run_dir)}")
+        with clock.span("final eval + adapter"):
+            after = _evaluate(session, run_dir, step=cfg.steps)
+            write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
+        shutdown = time.time()
+    clock.add("shutdown", shutdown, time.time())
+    with clock.span("report"):
+        echo(f"report: {write_report(run_dir)}")
+    clock.mark("end")
+    clock.write(run_dir)
     seconds = time.perf_counter() - start
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
@@ -214,9 +228,13 @@ def _open_session(
     run_dir: Path,
     stack: ExitStack,
     echo: Any,
+    clock: StartupClock,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.rewards))
-    learner, pool = _start(cfg, model, tokenizer, stack, echo)
+    launched = launch(cfg, model, _pad_id(tokenizer), stack, echo, clock)
+    # The reward scorer's processes start while the actors load their models.
+    with clock.span("reward scorer"):
+        scorer = stack.enter_context(RewardScorer(cfg.rewards))
+    learner, pool = await_ready(launched, echo, clock)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
     return _Session(cfg, learner, pool, scorer, sink, held_out, echo)
@@ -273,40 +291,12 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 def _start(
     cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any
 ) -> tuple[Any, RolloutPool]:
-    import ray
+    clock = StartupClock()
+    return await_ready(launch(cfg, model, _pad_id(tokenizer), stack, echo, clock), echo, clock)
 
-    from cluster.placement import bundle_nodes, start_learner_group, start_workers
 
-    if not ray.is_initialized():
-        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
-        # ray.init() alone would join whatever Ray instance happens to run on this machine.
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(
-            address=address,
-            log_to_driver=True,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-        stack.callback(ray.shutdown)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # The learner ranks load the model while the engines start; both are waited on below.
-    learner = start_learner_group(cfg, model, pad_id)
-    stack.callback(learner.stop)
-    workers, group = start_workers(cfg, model, echo)
-    stack.callback(_stop_actors, workers, group)
-    t0 = time.perf_counter()
-    pool = RolloutPool(workers, bundle_nodes(group))
-    packed = _get(workers[0].packed_modules.remote())
-    names = learner.weight_names(packed)
-    problems = _get(workers[0].check_weight_names.remote(names))
-    if problems:
-        raise SyncError(
-            "the learner's weights do not map onto the rollout engine:\n  " + "\n  ".join(problems[:10])
-        )
-    echo(
-        f"actors ready in {time.perf_counter() - t0:.0f} s; {len(names)} learner parameters map onto the engine"
-    )
-    return learner, pool
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _sync(cfg: RunConfig, learner: Any, pool: RolloutPool, include_base: bool) -> tuple[int, list[SyncAck]]:
@@ -344,15 +334,6 @@ def _get(ref: Any) -> Any:
     import ray
 
     return ray.get(ref)
-
-
-def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-    remove_placement_group(group)
 
 
 def _dump_yaml(cfg: RunConfig) -> str:

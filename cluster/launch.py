@@ -1,0 +1,103 @@
+"""Start a run's actors: Ray, the learner and the rollout workers, as much in parallel as they allow.
+
+`launch` returns as soon as every actor has been *created* (each loads its model in its own process
+from then on); the driver does its own start-up work (the reward scorer's processes) meanwhile, and
+`await_ready` then waits for the actors and checks that the learner's weights map onto the engine.
+Every phase goes into the run's `StartupClock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.config import RunConfig
+from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.telemetry.startup import StartupClock
+
+
+@dataclass
+class Launched:
+    learner: Any  # learner.data_parallel.LearnerGroup
+    workers: list[Any]  # RolloutWorker actor handles, in index order
+    group: Any  # the workers' placement group
+
+
+def start_ray(cfg: RunConfig, stack: Any) -> None:
+    """Connect to (or start) Ray; a Ray this call started is shut down when `stack` closes."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
+    # ray.init() alone would join whatever Ray instance happens to run on this machine.
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, include_dashboard=False, logging_level=logging.WARNING)
+    stack.callback(ray.shutdown)
+
+
+def launch(cfg: RunConfig, model: str, pad_id: int, stack: Any, echo: Any, clock: StartupClock) -> Launched:
+    """Create the rollout workers first (their engines take longest to build), then the learner.
+
+    Both only get created here; their constructors run in their own processes from now on.
+    """
+    from cluster.placement import start_learner_group, start_workers
+
+    with clock.span("ray start"):
+        start_ray(cfg, stack)
+    with clock.span("create actors"):
+        workers, group = start_workers(cfg, model, echo)
+        stack.callback(_stop_actors, workers, group)
+        learner = start_learner_group(cfg, model, pad_id)
+        stack.callback(learner.stop)
+    return Launched(learner, workers, group)
+
+
+def await_ready(launched: Launched, echo: Any, clock: StartupClock) -> tuple[Any, RolloutPool]:
+    """Wait for engine 0 and the learner, check the weight-name map; the other engines may still build
+    (the first sync queues behind their constructors). Raises SyncError if the names do not map."""
+    import ray
+
+    from cluster.placement import bundle_nodes
+
+    workers, learner = launched.workers, launched.learner
+    with clock.span("wait for actors"):
+        pool = RolloutPool(workers, bundle_nodes(launched.group))
+        packed = ray.get(workers[0].packed_modules.remote())
+        names = learner.weight_names(packed)
+        problems = ray.get(workers[0].check_weight_names.remote(names))
+    if problems:
+        raise SyncError(
+            "the learner's weights do not map onto the rollout engine:\n  " + "\n  ".join(problems[:10])
+        )
+    ready = clock.phases[-1]
+    echo(
+        f"actors ready {clock.since_origin(ready.end):.0f} s after launch; "
+        f"{len(names)} learner parameters map onto the engine"
+    )
+    return learner, pool
+
+
+def report_startup(clock: StartupClock, learner: Any, workers: list[Any], run_dir: Path, echo: Any) -> None:
+    """Just before the first step: add every actor's own phases, print the one-line breakdown and
+    write RUN_DIR/startup.json (rewritten at the end of the run with the later phases)."""
+    import ray
+
+    clock.add_actor("learner", learner.startup_spans())
+    for index, spans in enumerate(ray.get([w.startup_spans.remote() for w in workers])):
+        clock.add_actor(f"engine-{index}", spans)
+    clock.mark("first step")
+    echo(clock.line())
+    clock.write(run_dir)
+
+
+def _stop_actors(actors: list[Any], group: Any) -> None:  # rollout workers and their placement group
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+    remove_placement_group(group)
