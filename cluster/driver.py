@@ -20,7 +20,7 @@ from cluster.checkpoint import (
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
-from cluster.launch import await_ready, launch, report_startup
+from cluster.launch import await_ready, launch, report_startup, while_ray_starts
 from cluster.planning.batch_plan import derive_plan
 from cluster.rollout_pool import RolloutPool
 from cluster.telemetry.metrics import MetricsSink
@@ -28,6 +28,7 @@ from cluster.telemetry.report import write_report
 from cluster.telemetry.startup import StartupClock
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
+from grpo_ray.spans import imports_without_gc
 from rewards import RewardScorer
 from rewards.builtin import BUILTINS
 
@@ -62,9 +63,10 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     clock.add("python + imports + config", clock.origin, time.time(), cpu=time.process_time())
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
-    with clock.span("tokenizer + data"):
-        tokenizer = _load_tokenizer(model)
-        train, held_out = _load_data(cfg, tokenizer, echo)
+    with clock.span("tokenizer + data (Ray starts meanwhile)"):
+        (tokenizer, train, held_out), ray_started = while_ray_starts(
+            cfg, lambda: _load_inputs(cfg, model, echo), clock
+        )
     run_dir = cfg.run_dir
     checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
 
     with ExitStack() as stack:
-        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo, clock)
+        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo, clock, ray_started)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
@@ -229,8 +231,9 @@ def _open_session(
     stack: ExitStack,
     echo: Any,
     clock: StartupClock,
+    ray_started: bool = False,
 ) -> _Session:
-    launched = launch(cfg, model, _pad_id(tokenizer), stack, echo, clock)
+    launched = launch(cfg, model, _pad_id(tokenizer), stack, echo, clock, ray_started)
     # The reward scorer's processes start while the actors load their models.
     with clock.span("reward scorer"):
         scorer = stack.enter_context(RewardScorer(cfg.rewards))
@@ -265,9 +268,15 @@ def _model_path(cfg: RunConfig) -> str:
 
 
 def _load_tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
+    with imports_without_gc():  # AutoTokenizer imports much of transformers and torch
+        from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
+
+
+def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[Any, PromptSet, list[Prompt]]:
+    tokenizer = _load_tokenizer(model)
+    return (tokenizer, *_load_data(cfg, tokenizer, echo))
 
 
 def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.config import RunConfig
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.telemetry.startup import StartupClock
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,28 +30,64 @@ class Launched:
     group: Any  # the workers' placement group
 
 
-def start_ray(cfg: RunConfig, stack: Any) -> None:
-    """Connect to (or start) Ray; a Ray this call started is shut down when `stack` closes."""
+def start_ray(cfg: RunConfig) -> bool:
+    """Connect to (or start) Ray. True when this call connected (the caller shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray.
     # ray.init() alone would join whatever Ray instance happens to run on this machine.
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=True, include_dashboard=False, logging_level=logging.WARNING)
-    stack.callback(ray.shutdown)
+    return True
 
 
-def launch(cfg: RunConfig, model: str, pad_id: int, stack: Any, echo: Any, clock: StartupClock) -> Launched:
+def while_ray_starts(cfg: RunConfig, load: Callable[[], T], clock: StartupClock) -> tuple[T, bool]:
+    """`load()` (the tokenizer and the prompts) in a thread while this thread starts Ray.
+
+    Ray's start is mostly waiting for its own processes, so the two overlap. No model loads before
+    the data is checked: a bad row still fails first (and a Ray started here is shut down). Returns
+    (what `load` returned, whether Ray was started here: then `launch` gets `ray_started=True`).
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-data") as pool:
+        loading = pool.submit(load)
+        with clock.span("ray start"):
+            started = start_ray(cfg)
+        try:
+            return loading.result(), started
+        except BaseException:
+            if started:
+                import ray
+
+                ray.shutdown()
+            raise
+
+
+def launch(
+    cfg: RunConfig,
+    model: str,
+    pad_id: int,
+    stack: Any,
+    echo: Any,
+    clock: StartupClock,
+    ray_started: bool = False,
+) -> Launched:
     """Create the rollout workers first (their engines take longest to build), then the learner.
 
-    Both only get created here; their constructors run in their own processes from now on.
+    Both only get created here; their constructors run in their own processes from now on. Ray is
+    started here unless it runs already; a Ray started here (or by `while_ray_starts`, when
+    `ray_started`) is shut down when `stack` closes.
     """
+    import ray
+
     from cluster.placement import start_learner_group, start_workers
 
-    with clock.span("ray start"):
-        start_ray(cfg, stack)
+    if not ray.is_initialized():
+        with clock.span("ray start"):
+            ray_started = start_ray(cfg)
+    if ray_started:
+        stack.callback(ray.shutdown)
     with clock.span("create actors"):
         workers, group = start_workers(cfg, model, echo)
         stack.callback(_stop_actors, workers, group)

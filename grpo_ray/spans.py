@@ -33,6 +33,27 @@ def process_start_time() -> float:
         return time.time()
 
 
+@contextmanager
+def imports_without_gc() -> Iterator[None]:
+    """Import heavy libraries (torch, transformers, vLLM) with the cyclic GC paused, then freeze them.
+
+    These imports allocate millions of long-lived objects; automatic collections during them scan
+    those again and again (~20% of vLLM's import CPU time here), and every later full collection
+    (vLLM calls `gc.collect()` while building an engine) would scan them once more. Frozen objects
+    are never collected, which is what module-level objects are anyway.
+    """
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 class Spans:
     """An append-only list of `Span`s; `span(name)` times a `with` block."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grpo_ray.spans import Spans
+from grpo_ray.spans import Spans, imports_without_gc
 from learner.config import LearnerConfig
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -23,7 +23,7 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str, spans: S
     `spans`, when given, gets the start-up phases (imports, load + 4-bit quantization, LoRA).
     """
     spans = spans if spans is not None else Spans()
-    with spans.span("import transformers + peft"):
+    with spans.span("import transformers + peft"), imports_without_gc():
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

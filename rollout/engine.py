@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_ray.records import Completion
-from grpo_ray.spans import Spans
+from grpo_ray.spans import Spans, imports_without_gc
 from rollout.config import RolloutConfig
 from rollout.engine_timing import engine_phases
 
@@ -98,8 +98,8 @@ class RolloutEngine:
         import torch
 
         self.spans = spans if spans is not None else Spans()
-        with self.spans.span("import vllm"):
-            LLM = _import_vllm_llm()
+        with self.spans.span("import vllm"), imports_without_gc():
+            from vllm import LLM
         cuda = torch.cuda.is_available()
         if not cuda and cfg.enforce_eager:
             _no_compile_on_cpu()
@@ -169,27 +169,6 @@ class RolloutEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
-
-
-def _import_vllm_llm() -> Any:
-    """`vllm.LLM`, imported with the cyclic GC paused; the imported objects are then frozen.
-
-    The import allocates millions of long-lived objects; automatic collections during it scan them
-    again and again (~20% of the import's CPU time here), and vLLM's explicit `gc.collect()` calls
-    while building the engine (model loader, heap freeze) would scan them once more each. Frozen
-    objects are never collected, which is what module-level objects are anyway.
-    """
-    import gc
-
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        from vllm import LLM
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-    return LLM
 
 
 def _no_compile_on_cpu() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Group, SyncAck, WeightUpdate
-from grpo_ray.spans import Span, Spans, process_cpu_so_far, process_start_time
+from grpo_ray.spans import Span, Spans, imports_without_gc, process_cpu_so_far, process_start_time
 from grpo_ray.weight_names import check_names
 from rollout.config import RolloutConfig
 
@@ -30,7 +30,7 @@ class RolloutWorker:
         # up to here, then torch, vLLM and the engine (see `startup_spans`).
         self.spans = Spans()
         self.spans.add("process start", process_start_time(), time.time(), process_cpu_so_far())
-        with self.spans.span("import torch"):
+        with self.spans.span("import torch"), imports_without_gc():
             import torch
 
         if not torch.cuda.is_available():
