@@ -28,7 +28,6 @@ from cluster.telemetry.report import write_report
 from cluster.telemetry.startup import StartupClock
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
-from grpo_ray.spans import imports_without_gc
 from rewards import RewardScorer
 from rewards.builtin import BUILTINS
 
@@ -268,8 +267,7 @@ def _model_path(cfg: RunConfig) -> str:
 
 
 def _load_tokenizer(model: str) -> Any:
-    with imports_without_gc():  # AutoTokenizer imports much of transformers and torch
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
 
