@@ -22,15 +22,16 @@ from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
 from cluster.handles import LearnerHandle
+from cluster.launch import await_ready, launch, report_startup, while_ray_starts
 from cluster.planning.batch_plan import derive_plan
 from cluster.planning.model_limits import check_model_limits
-from cluster.ray_session import init_ray
 from cluster.recovery import LearnerLostError, PoolSizeRequests, checkpoint_advice, forget_metrics_after
 from cluster.rollout_pool import RolloutPool, SyncError
 from cluster.run_dir import check_run_root_writable, set_aside_previous_run
 from cluster.telemetry.console import quiet_console
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
+from cluster.telemetry.startup import StartupClock
 from cluster.telemetry.step_stats import rollout_stats
 from grpo_ray.records import Batch, SyncAck
 from grpo_ray.seeds import eval_round_seed, prompt_seeds
@@ -64,6 +65,7 @@ class _Session:
     pad_id: int = 0
     stack: ExitStack | None = None
     pool_size: PoolSizeRequests | None = None
+    clock: StartupClock | None = None  # start-up breakdown: the first step's time goes into it
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -77,12 +79,16 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     from the learner's), RewardError / RewardFailure (a broken or mostly-masking reward).
     """
     start = time.perf_counter()
+    clock = StartupClock()
+    clock.add("python + imports + config", clock.origin, time.time(), cpu=time.process_time())
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
     check_model_limits(cfg)
     check_run_root_writable(cfg)
-    tokenizer = _load_tokenizer(model)
-    train, held_out = _load_data(cfg, tokenizer, echo)
+    with clock.span("tokenizer + data (Ray starts meanwhile)"):
+        (tokenizer, train, held_out), ray_started = while_ray_starts(
+            cfg, lambda: _load_inputs(cfg, model, echo), clock
+        )
     run_dir = cfg.run_dir
     checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,24 +97,33 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
 
     with ExitStack() as stack:
         stack.enter_context(quiet_console(run_dir / "console.log"))  # first in, last out
-        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo)
+        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo, clock, ray_started)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
-        version, _ = _sync(cfg, session.learner, session.pool, include_base=True)
+        with clock.span("first sync"):
+            version, _ = _sync(cfg, session.learner, session.pool, include_base=True)
         if checkpoint is None:
-            before = _evaluate(session, run_dir, step=0)
+            with clock.span("eval step 0"):
+                before = _evaluate(session, run_dir, step=0)
             state.accuracy_before = before.get("eval/accuracy")
 
+        report_startup(clock, session.learner, session.pool.workers, run_dir, echo)
         state, version = _train_steps_surviving_learner(session, train, state, version, checkpoint)
         session.pool.admit()  # a worker restarted late joins now if its engine is up (no waiting)
         acks = [session.pool.last_acks[slot] for slot in sorted(session.pool.active)]
         nodes = session.pool.nodes
-        after = _evaluate(session, run_dir, step=cfg.steps)
-        write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
-    echo(f"report: {write_report(run_dir)}")
+        with clock.span("final eval + adapter"):
+            after = _evaluate(session, run_dir, step=cfg.steps)
+            write_adapter(run_dir / "adapter", session.learner.checkpoint_state())
+        shutdown = time.time()
+    clock.add("shutdown", shutdown, time.time())
+    with clock.span("report"):
+        echo(f"report: {write_report(run_dir)}")
+    clock.mark("end")
+    clock.write(run_dir)
     seconds = time.perf_counter() - start
     acc_before, acc_after = state.accuracy_before, after.get("eval/accuracy")
     if acc_before is not None and acc_after is not None:
@@ -176,11 +191,14 @@ def _train_steps(
     cfg, run_dir = session.cfg, session.cfg.run_dir
     stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
     progress = _progress(cfg, first_step=state.step)
-    for step in range(state.step + 1, cfg.steps + 1):
+    first_step = state.step + 1
+    assert session.clock is not None
+    for step in range(first_step, cfg.steps + 1):
         session.pool.step = step
         assert session.pool_size is not None
         session.pool_size.apply(session.pool)  # a `grpo-ray scale` request, at this step boundary
-        values, version, _ = _train_step(session, stream, step)
+        with session.clock.span("first step" if step == first_step else "later steps"):
+            values, version, _ = _train_step(session, stream, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             values.update(_evaluate(session, run_dir, step, log=False))
         session.sink.log(step, values)
@@ -317,14 +335,22 @@ def _open_session(
     run_dir: Path,
     stack: ExitStack,
     echo: Any,
+    clock: StartupClock,
+    ray_started: bool = False,
 ) -> _Session:
-    scorer = stack.enter_context(RewardScorer(cfg.scored_rewards(), output_log=run_dir / "reward_output.log"))
-    learner, pool = _start(cfg, model, tokenizer, stack, echo)
+    launched = launch(cfg, model, _pad_id(tokenizer), stack, echo, clock, ray_started)
+    # The reward scorer's processes start while the actors load their models.
+    with clock.span("reward scorer"):
+        scorer = stack.enter_context(
+            RewardScorer(cfg.scored_rewards(), output_log=run_dir / "reward_output.log")
+        )
+    learner, pool = await_ready(launched, echo, clock, stack)
+    pool.full_sync = _full_sync(cfg, learner, pool)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
     pool_size = PoolSizeRequests(cfg, echo)
     return _Session(
-        cfg, learner, pool, scorer, sink, held_out, echo, model, _pad_id(tokenizer), stack, pool_size
+        cfg, learner, pool, scorer, sink, held_out, echo, model, _pad_id(tokenizer), stack, pool_size, clock
     )
 
 
@@ -370,6 +396,11 @@ def _load_tokenizer(model: str) -> Any:
     return AutoTokenizer.from_pretrained(model)
 
 
+def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[Any, PromptSet, list[Prompt]]:
+    tokenizer = _load_tokenizer(model)
+    return (tokenizer, *_load_data(cfg, tokenizer, echo))
+
+
 def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:
     train = load_split(cfg.data, "train", cfg.seed, tokenizer)
     assert train is not None, "config validation guarantees a training source"
@@ -389,45 +420,19 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 
 
 def _start(
-    cfg: RunConfig, model: str, tokenizer: Any, stack: ExitStack, echo: Any
+    cfg: RunConfig,
+    model: str,
+    tokenizer: Any,
+    stack: ExitStack,
+    echo: Any,
+    clock: StartupClock | None = None,
 ) -> tuple[LearnerHandle, RolloutPool]:
-    import ray
-
-    from cluster.placement import WorkerSlots, bundle_nodes, start_learner_group
-
-    if not ray.is_initialized():
-        # No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray
-        # bound to loopback only (cluster/ray_session.py).
-        init_ray(cfg.ray_address, log_to_driver=True)
-        stack.callback(ray.shutdown)
-    # The learner ranks load the model while the engines start; both are waited on below.
-    learner = start_learner_group(cfg, model, _pad_id(tokenizer))
-    stack.callback(learner.stop)
-    slots = WorkerSlots(cfg, model, echo)
-    workers = [slots.start(i) for i in range(cfg.rollout.num_workers)]
-    t0 = time.perf_counter()
-    pool = RolloutPool(
-        workers,
-        bundle_nodes(slots.group),
-        slots,
-        prompts_per_chunk=cfg.rollout.prompts_per_chunk,
-        max_restarts=cfg.rollout.max_restarts,
-        restart_timeout_s=cfg.rollout.restart_timeout_s,
-        echo=echo,
+    """The learner and the rollout pool, ready (weight names checked); `grpo-ray eval` uses it."""
+    clock = clock or StartupClock()
+    learner, pool = await_ready(
+        launch(cfg, model, _pad_id(tokenizer), stack, echo, clock), echo, clock, stack
     )
-    stack.callback(pool.stop)
     pool.full_sync = _full_sync(cfg, learner, pool)
-    packed = _get(workers[0].packed_modules.remote())
-    pool.packed_modules = packed
-    names = learner.weight_names(packed)
-    problems = _get(workers[0].check_weight_names.remote(names))
-    if problems:
-        raise SyncError(
-            "the learner's weights do not map onto the rollout engine:\n  " + "\n  ".join(problems[:10])
-        )
-    echo(
-        f"actors ready in {time.perf_counter() - t0:.0f} s; {len(names)} learner parameters map onto the engine"
-    )
     return learner, pool
 
 

@@ -187,10 +187,13 @@ class WorkerSlots:
             return "?"
 
     def stop(self) -> None:
+        """Remove every placement group (their actors go with them); a second call does nothing."""
         from ray.util.placement_group import remove_placement_group
 
-        for group in [self.group, *self.own_groups.values()]:
+        groups = [self.group, *self.own_groups.values()] if self.group is not None else []
+        for group in groups:
             remove_placement_group(group)
+        self.group = None
         self.own_groups.clear()
 
 

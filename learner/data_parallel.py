@@ -142,6 +142,12 @@ class LearnerGroup:
         self.ready()  # every rank remembers the engine's fusion map, so any could export
         return list(ray.get([r.weight_names.remote(packed_modules) for r in self.ranks])[0])
 
+    def startup_spans(self) -> list[tuple[str, float, float, float]]:
+        """Rank 0's start-up phases (every rank loads the same model at the same time)."""
+        import ray
+
+        return list(ray.get(self.ranks[0].startup_spans.remote()))
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Rank 0's state, in the single-learner format (ZeRO's partitioned optimiser state is gathered,
         a collective, so every rank takes part; only rank 0's copy is fetched)."""

@@ -16,6 +16,7 @@ import torch
 
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Batch, Group, Shard, WeightUpdate
+from grpo_ray.spans import Span, Spans, process_cpu_so_far, process_start_time
 from learner.config import LearnerConfig, LossConfig
 from learner.grpo import combine_metrics, group_advantages, grpo_loss, loss_normaliser
 from learner.logprobs import (
@@ -41,6 +42,10 @@ class Learner:
         rollout_dtype: str,
         pad_id: int,
     ) -> None:
+        # Start-up phases: the process start (Ray's worker boot, torch and this module's imports)
+        # up to here, then the model load (see `startup_spans`).
+        self.spans = Spans()
+        self.spans.add("process start", process_start_time(), time.time(), process_cpu_so_far())
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cfg.threads)
@@ -48,7 +53,7 @@ class Learner:
         self.temperature = temperature
         self.pad_id = pad_id
         self.rollout_dtype = torch_dtype(rollout_dtype)
-        self.policy = load_policy(model, cfg, seed=seed, device=self.device)
+        self.policy = load_policy(model, cfg, seed=seed, device=self.device, spans=self.spans)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.updater: Updater = LocalUpdater(self.trainable, cfg)
         self.model: Any = self.policy  # what forwards run through (a rank's DeepSpeed engine wraps it)
@@ -56,6 +61,10 @@ class Learner:
         self.chunk_tokens = cfg.chunk_tokens_for(causal_lm(self.policy).get_output_embeddings().out_features)
         self.version = 0  # bumped by every optimiser step pass over a batch
         self.packed_modules: dict[str, list[str]] = {}
+
+    def startup_spans(self) -> list[Span]:
+        """(phase, begin, end) in epoch seconds of this rank's start-up, for the driver's breakdown."""
+        return list(self.spans.items)
 
     # ---- policy sync -------------------------------------------------------------------------
 

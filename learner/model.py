@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from grpo_ray.spans import Spans, imports_without_gc
 from learner.config import LearnerConfig
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -15,14 +16,17 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
-def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
+def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str, spans: Spans | None = None) -> Any:
     """The PEFT model; the adapter is initialised from `seed`, everything else is frozen.
 
     The base loads through `from_pretrained`, the same call whether `model` is a hub id or a directory.
+    `spans`, when given, gets the start-up phases (imports, load + 4-bit quantization, LoRA).
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    spans = spans if spans is not None else Spans()
+    with spans.span("import transformers + peft"), imports_without_gc():
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(cfg.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
@@ -33,7 +37,8 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=dtype,
         )
-    base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    with spans.span("load + quantize" if cfg.quantization == "nf4" else "load"):
+        base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     _keep_4bit_layout(base)
     base.config.use_cache = False
     for param in base.parameters():
@@ -50,7 +55,8 @@ def load_policy(model: str, cfg: LearnerConfig, seed: int, device: str) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    policy = get_peft_model(base, lora)
+    with spans.span("add LoRA"):
+        policy = get_peft_model(base, lora)
     for name, param in policy.named_parameters():
         if param.requires_grad:
             # fp32 adapter even with a bf16 base: an AdamW step of ~1e-5 on bf16 weights of ~1e-2 is

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from grpo_ray.records import Completion
+from grpo_ray.spans import Spans, imports_without_gc
 from rollout.config import RolloutConfig
+from rollout.engine_timing import engine_phases
 
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _EXTENSION = "rollout.worker_extension.GrpoWorkerExtension"
@@ -90,19 +92,26 @@ class RolloutEngine:
         seed: int,
         lora_rank: int | None = None,
         sleep_mode: bool = False,
+        spans: Spans | None = None,
     ) -> None:
         # The engine must live in this process (a Ray actor) so tensors reach it without a copy.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch
-        from vllm import LLM
 
+        self.spans = spans if spans is not None else Spans()
+        with self.spans.span("import vllm"), imports_without_gc():
+            from vllm import LLM
+        cuda = torch.cuda.is_available()
+        if not cuda and cfg.enforce_eager:
+            _no_compile_on_cpu()
         self.cfg = cfg
         self.eos_ids = model_eos_ids(model)
-        kwargs = engine_args(model, cfg, seed, cuda=torch.cuda.is_available(), sleep_mode=sleep_mode)
+        kwargs = engine_args(model, cfg, seed, cuda=cuda, sleep_mode=sleep_mode)
         kwargs["worker_extension_cls"] = _EXTENSION
         if lora_rank is not None:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(lora_rank))
-        self.llm = LLM(**kwargs)
+        with engine_phases(self.spans, "build engine"):
+            self.llm = LLM(**kwargs)
         self._lora_request: Any = None
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="grpo-ray-adapter-"))
 
@@ -163,6 +172,19 @@ class RolloutEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+
+def _no_compile_on_cpu() -> None:
+    """Eager engine on CPU: turn off torch.compile in this process (the actor holds only the engine).
+
+    With `enforce_eager` vLLM compiles no model graph, but its sampler still `torch.compile`s one
+    helper (`batched_count_greater_than`, the sampled token's rank) on the first sampled step: 2-7 s
+    of inductor work on this 2-core machine, for an integer count of a few hundred rows that eager
+    torch computes identically in microseconds. The rank is not even used (logprobs=0).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
 
 
 def _completion(sample: Any) -> Completion:

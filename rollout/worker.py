@@ -12,6 +12,7 @@ from typing import Any
 from grpo_ray.checksum import weights_checksum
 from grpo_ray.records import Group, SyncAck, WeightUpdate
 from grpo_ray.seeds import engine_seed
+from grpo_ray.spans import Span, Spans, imports_without_gc, process_cpu_so_far, process_start_time
 from grpo_ray.weight_names import check_names
 from rollout.config import RolloutConfig
 
@@ -28,7 +29,12 @@ class RolloutWorker:
         lora_rank: int | None = None,
         sleep_mode: bool = False,
     ) -> None:
-        import torch
+        # Start-up phases: the actor's process start (Ray's worker boot and this module's imports)
+        # up to here, then torch, vLLM and the engine (see `startup_spans`).
+        self.spans = Spans()
+        self.spans.add("process start", process_start_time(), time.time(), process_cpu_so_far())
+        with self.spans.span("import torch"), imports_without_gc():
+            import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.threads_per_worker)
@@ -38,7 +44,12 @@ class RolloutWorker:
         self.version = -1  # -1: still the checkpoint's own weights, never the learner's policy
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM sleep mode is CUDA-only
         self.engine = RolloutEngine(
-            model, cfg, seed=engine_seed(seed, index), lora_rank=lora_rank, sleep_mode=self.sleep_mode
+            model,
+            cfg,
+            seed=engine_seed(seed, index),
+            lora_rank=lora_rank,
+            sleep_mode=self.sleep_mode,
+            spans=self.spans,
         )
         from rollout.worker_merge import WorkerMerge
 
@@ -124,6 +135,10 @@ class RolloutWorker:
     def packed_modules(self) -> dict[str, list[str]]:
         """The engine's fused modules (e.g. qkv_proj -> [q_proj, k_proj, v_proj])."""
         return self.engine.packed_modules()
+
+    def startup_spans(self) -> list[Span]:
+        """(phase, begin, end) in epoch seconds of this worker's start-up, for the driver's breakdown."""
+        return list(self.spans.items)
 
     def info(self) -> dict[str, Any]:
         """This worker's index, policy version and the engine's EOS token ids."""

@@ -88,3 +88,27 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     markdown = (tmp_path / "results.md").read_text()
     for heading in ("## Goals", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in markdown
+
+
+def test_time_to_accuracy_quick_runs_both_sides(tmp_path: Path) -> None:
+    pytest.importorskip("trl")  # the baseline side is an optional dependency (scripts/bench.sh installs it)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.time_to_accuracy", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    for side in ("grpo-ray", "trl"):
+        (run,) = results["runs"][side]
+        steps = [point["step"] for point in run["curve"]]
+        assert steps[0] == 0 and steps[-1] == 2  # --quick: 2 steps, evaluated at 0 and at the end
+        times = [point["t_s"] for point in run["curve"]]
+        assert times == sorted(times) and 0 < times[0] < run["total_s"]
+        assert all(0.0 <= point["accuracy"] <= 1.0 for point in run["curve"])
+    assert results["runs"]["grpo-ray"][0]["first_step_s"] > 0
+    assert "## Time to accuracy" in (tmp_path / "time_to_accuracy.md").read_text()
