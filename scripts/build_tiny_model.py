@@ -6,7 +6,16 @@ Everything is made here, offline and from fixed seeds: the task splits (``reward
 byte-level Qwen2 tokenizer without merges (Qwen's chat tokens and template), and a 0.67M-parameter
 Qwen2 model (head_dim 64, which vLLM's CPU attention kernel needs; grouped-query attention like
 real Qwen2, so q and k/v projections differ in shape) trained by SFT for about two minutes on one
-CPU thread. Two runs give a byte-identical ``model.safetensors`` on the same kind of machine.
+CPU thread.
+
+What is reproducible: everything made without float arithmetic is byte-identical on any machine:
+the task splits, the tokenizer and chat template, config.json and generation_config.json, and the
+weights' names, shapes and dtypes. The weights themselves are byte-identical only on the same machine
+(same CPU, torch build and ``NUM_THREADS``): SFT is 1000 float32 AdamW steps, the last bits of every
+GEMM and vectorised op follow the kernels MKL and ATen pick for the CPU, and training carries those
+differences into every weight. On another CPU the rebuilt model is a sibling of the shipped one: the
+same held-out behaviour up to a few rows (tests/integration/test_tiny_model.py states the band;
+``MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default`` shows here what another CPU computes).
 
 Why the SFT labels are wrong on purpose: the demo has to show GRPO improving something. A model
 that already solves the task leaves RL nothing to do, and one that never produces a right answer
@@ -53,7 +62,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from rewards import arithmetic  # noqa: E402  (needs the repo root on sys.path first)
 
 SEED = arithmetic.SEED
-# A fixed thread count keeps float reductions in the same order, hence the same bits, on every run.
+# A fixed thread count keeps float reductions in the same order, hence the same bits, on every run
+# on one machine (another CPU's kernels round differently; see the module docstring).
 # One thread: the matmuls are too small to gain much from two (0.10 vs 0.08 s a step), and on a
 # busy machine two spin-waiting threads ran five times slower than one.
 NUM_THREADS = 1

@@ -80,7 +80,9 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     limits = sections["limits"]
     assert limits["gemm_flops_per_s"] > 0
     phases = limits["variants"]["nf4"]["phases"]
-    # a phase cannot beat the machine's GEMM rate by much (attention and LoRA run below it)
+    # A timing ratio, not a float comparison (kernels change it only through speed): a phase cannot beat
+    # the machine's GEMM rate, measured by the same process minutes apart; 1.5 allows for those two
+    # timings on a shared 2-core machine being off by up to 1.5x (a slowed GEMM probe), not more.
     assert all(0 < p["of_gemm_rate"] < 1.5 for p in phases.values())
     split = sections["breakdown"]["nf4"]
     assert {"generate", "reward", "train", "sync", "idle"} <= set(split)

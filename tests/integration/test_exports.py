@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import assert_greedy_agrees, forward_atol, greedy_reference, max_gap, within
 
 from cluster.config import load_config
 from cluster.export import export_merged
@@ -53,10 +54,11 @@ def test_adapter_loads_with_peft(trained_adapter: tuple[Path, torch.nn.Module], 
     ours = {n: p for n, p in policy.named_parameters() if "lora_" in n}
     theirs = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys() and ours
-    for name in ours:
-        torch.testing.assert_close(ours[name].float(), theirs[name].float(), rtol=0, atol=0)
+    for name in ours:  # saved and loaded bytes, no arithmetic: bit for bit
+        assert torch.equal(ours[name].float(), theirs[name].float()), name
 
 
+@pytest.mark.numeric
 def test_merged_export_matches_training_policy(
     trained_adapter: tuple[Path, torch.nn.Module], tmp_path: Path, ray_session: list[str]
 ) -> None:
@@ -75,7 +77,13 @@ def test_merged_export_matches_training_policy(
     for prompt in PROMPTS:
         with torch.no_grad():
             got = dense(input_ids=torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(got, _policy_logits(policy, prompt), rtol=0, atol=1e-4)
+        expected = _policy_logits(policy, prompt)
+        # x·W + s·(x·A)·B (the 4-bit policy) against x·(W + s·B·A): one float32 function, another order
+        within(
+            "merged export vs policy logits",
+            max_gap(got, expected),
+            forward_atol(float(expected.abs().max())),
+        )
 
     # vLLM loads the directory as an ordinary model and decodes as the (policy-equal) dense model does
     worker = (
@@ -88,11 +96,12 @@ def test_merged_export_matches_training_policy(
     finally:
         ray.kill(worker)
     for prompt, group in zip(PROMPTS, groups, strict=True):
-        expected = dense.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
-        got = group.completions[0].token_ids
-        assert got == expected[: len(got)].tolist()
+        # vLLM's float32 kernels vs torch's: the same tokens except past a near-tie (the forward model)
+        expected, margins, scale = greedy_reference(dense, prompt, 8)
+        assert_greedy_agrees(group.completions[0].token_ids, expected, margins, forward_atol(scale))
 
 
+@pytest.mark.numeric
 def test_adapter_serves_through_vllm_lora(
     trained_adapter: tuple[Path, torch.nn.Module], tiny_model: Path, ray_session: list[str]
 ) -> None:
@@ -129,6 +138,6 @@ def test_adapter_serves_through_vllm_lora(
         AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(directory)
     )
     for prompt, group in zip(PROMPTS, groups, strict=True):
-        expected = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-        got = group.completions[0].token_ids
-        assert got == expected[0, len(prompt) : len(prompt) + len(got)].tolist()
+        # vLLM's LoRA kernels vs PEFT's: the same tokens except past a near-tie (the forward model)
+        expected, margins, scale = greedy_reference(peft_model, prompt, 8)
+        assert_greedy_agrees(group.completions[0].token_ids, expected, margins, forward_atol(scale))

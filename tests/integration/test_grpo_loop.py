@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import logprob_atol, within
 from safetensors.torch import load_file
 
 from cluster.config import load_config
@@ -21,12 +22,15 @@ pytestmark = pytest.mark.integration
 
 # Both sides run float32: the engine on dequant(W_nf4) + (alpha/r)·B·A, the learner on the same
 # dequantized weights inside bitsandbytes' matmul plus the LoRA branch. Only summation order differs
-# (vLLM's CPU attention and GEMMs vs torch's). Measured per-token gaps: 5e-7 to 1.4e-5 in these three
-# steps, at most 4.8e-5 over the 30-step demo (logprobs of unlikely tokens carry the largest absolute
-# rounding). A stale, missing or double-applied layer moves logprobs by 1e-2 or more.
-LOGPROB_TOLERANCE = 2e-4
+# (vLLM's CPU attention and oneDNN GEMMs vs torch's MKL ones), so the forward model holds: at most
+# logprob_atol of the logits' scale, which is <= 13.5 for the shipped model on the task (measured over
+# 128 training rows); 20 leaves room for three RL steps. Measured per-token gaps: 5e-7 to 1.4e-5 in
+# these three steps. A stale, missing or double-applied layer moves logprobs by 1e-2 or more.
+LOGIT_SCALE = 20.0
+LOGPROB_TOLERANCE = logprob_atol(LOGIT_SCALE)  # 1.3e-3
 
 
+@pytest.mark.numeric
 def test_three_steps_two_workers(tmp_path: Path, ray_session: list[str], tiny_model: Path) -> None:
     cfg = load_config(
         Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
@@ -55,7 +59,7 @@ def test_three_steps_two_workers(tmp_path: Path, ray_session: list[str], tiny_mo
     assert [s["step"] for s in trained] == [1, 2, 3]
     for s in trained:
         # steps 2 and 3 sample with weights the learner synced after an update: the gap shows the sync is exact
-        assert s["sync/logprob_gap_max"] < LOGPROB_TOLERANCE, s
+        within("sampler vs learner logprob gap", s["sync/logprob_gap_max"], LOGPROB_TOLERANCE)
         assert s["policy_version"] == s["step"]
         assert s["sync/workers_acked"] == 2  # every worker acknowledged every sync (a bad ack raises)
         assert torch.isfinite(torch.tensor(s["train/loss"]))

@@ -2,9 +2,10 @@
 
 Tolerance: rewards must be identical (same sampled tokens: vLLM samples with per-prompt seeds, the
 resumed learner restores adapter, AdamW state and scheduler exactly, and the first sync rebuilds the
-engines' weights from them). Losses may differ only by float summation order, which is the same on
-the same machine and thread count; we allow 1e-6 absolute, far below a real divergence (one changed
-token moves the loss by ~1e-2).
+engines' weights from them). Bit-identity is a legitimate claim here: both runs are on the SAME
+machine, so the same kernels sum the same shapes in the same order (torch's 64-byte-aligned buffers
+give MKL no alignment-dependent path); nothing here is compared across machines, which is why this
+test is not marked `numeric` (a second pass under other kernels re-checks the same claim, for minutes).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+from bounds import within
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+# Same machine, kernels, shapes and threads: the losses are expected bit for bit; 1e-6 (8 ulp of an
+# O(1) loss) is slack for a last reduction split differently between two threads, far below a real
+# divergence (one changed token moves the loss by ~1e-2).
 LOSS_TOLERANCE = 1e-6
 
 
@@ -101,5 +106,9 @@ def test_killed_run_resumes_exactly(tmp_path: Path, tiny_model: Path) -> None:
     assert sorted(again) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert again[step]["reward/mean"] == straight[step]["reward/mean"], step
-        assert abs(again[step]["train/loss"] - straight[step]["train/loss"]) <= LOSS_TOLERANCE, step
+        within(
+            f"step {step} resumed vs straight loss",
+            abs(again[step]["train/loss"] - straight[step]["train/loss"]),
+            LOSS_TOLERANCE,
+        )
         assert again[step]["policy_version"] == step

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import assert_greedy_agrees, forward_atol, greedy_reference
 
 from cluster.config import load_config
 from cluster.data.prompts import load_split
@@ -24,6 +25,7 @@ def _held_out(tiny_model: Path, count: int) -> list:
     return held_out.prompts[:count]
 
 
+@pytest.mark.numeric
 def test_vllm_greedy_matches_transformers(tiny_model: Path, ray_session: None) -> None:
     import ray
     from transformers import AutoModelForCausalLM
@@ -48,13 +50,13 @@ def test_vllm_greedy_matches_transformers(tiny_model: Path, ray_session: None) -
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     assert set(info["eos_ids"]) == set(model.generation_config.eos_token_id)
     for prompt, group in zip(prompts, groups, strict=True):
-        expected = model.generate(
-            torch.tensor([prompt.token_ids]),
-            max_new_tokens=cfg.rollout.sampling.max_new_tokens,
-            do_sample=False,
-        )[0, len(prompt.token_ids) :].tolist()
+        expected, margins, scale = greedy_reference(
+            model, prompt.token_ids, cfg.rollout.sampling.max_new_tokens
+        )
         got = group.completions[0].token_ids
-        assert got == expected[: len(got)] and len(got) > 0, (prompt.row, got, expected)
+        assert len(got) > 0, prompt.row
+        # vLLM's float32 kernels vs torch's: the same tokens except past a near-tie (the forward model)
+        assert_greedy_agrees(got, expected, margins, forward_atol(scale))
 
 
 def test_loads_in_4bit_with_lora(tiny_model: Path) -> None:

@@ -2,17 +2,25 @@
 
 The accuracy band is the demo's contract: below 10% GRPO groups would rarely contain a right
 answer, above 60% there is little left to improve (see scripts/build_tiny_model.py).
+
+The rebuild reproduces bytes only where no float arithmetic is involved (data splits, tokenizer,
+config files, the weights' names and shapes). The weights come out of 1000 float32 AdamW steps, whose
+last bits follow the CPU's kernels, so on another machine they differ everywhere; what is compared
+there is behaviour: which held-out rows greedy decoding gets right, against the shipped model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bounds import within
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from rewards import arithmetic
@@ -22,7 +30,14 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "assets" / "tiny-qwen2"
 DATA_DIR = ROOT / "assets" / "arith"
-SHIPPED_FILES = ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json")
+WEIGHTS = "model.safetensors"
+# Retraining under other float kernels re-draws the SFT trajectory's rounding, and a few held-out rows
+# change their greedy verdict. Measured on this project's machine: 5 of 300 rows (5 of the 150 carry
+# rows, none of the others) under MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default, 4 of 300 under
+# ATEN_CPU_CAPABILITY=avx2. Model: each row flips independently with probability q = 0.05 (1.5x the
+# worst measured rate, 5/150); the flipped fraction of n rows then stays below q + 4·sqrt(q / n) but
+# for odds of 3e-5. The fraction bounds how far accuracy moves, overall and on either half.
+FLIP_RATE = 0.05
 
 
 def sha256(path: Path) -> str:
@@ -74,11 +89,10 @@ def test_shipped_splits_are_disjoint() -> None:
 
 
 @torch.no_grad()
-def test_greedy_heldout_accuracy_leaves_room_for_rl() -> None:
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
-    rows = arithmetic.read_split(DATA_DIR / "test.jsonl")
-
+def greedy_verdicts(model_dir: Path, rows: list[arithmetic.Row]) -> list[bool]:
+    """Whether greedy decoding answers each held-out row right."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     batch = tok(
         [render(tok, r["question"]) for r in rows],
         return_tensors="pt",
@@ -89,13 +103,18 @@ def test_greedy_heldout_accuracy_leaves_room_for_rl() -> None:
     out = model.generate(**batch, do_sample=False, max_new_tokens=6)  # eos/pad from generation_config
     completions = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
     answers = [c.split("<|im_end|>")[0].strip() for c in completions]
+    return [a == r["answer"] for a, r in zip(answers, rows, strict=True)]
 
-    acc = sum(a == r["answer"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+
+def test_greedy_heldout_accuracy_leaves_room_for_rl() -> None:
+    verdicts = greedy_verdicts(MODEL_DIR, arithmetic.read_split(DATA_DIR / "test.jsonl"))
+    acc = sum(verdicts) / len(verdicts)
     assert 0.10 <= acc <= 0.60, f"held-out greedy accuracy {acc:.3f} is outside the RL-headroom band"
 
 
 @pytest.mark.slow
-def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.numeric
+def test_rebuild_matches_the_shipped_model(tmp_path: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -110,7 +129,41 @@ def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
         cwd=ROOT,
         timeout=900,
     )
-    for name in SHIPPED_FILES:
-        assert sha256(tmp_path / "model" / name) == sha256(MODEL_DIR / name), name
+    # made without float arithmetic: byte for byte on any machine
+    shipped = sorted(p.name for p in MODEL_DIR.iterdir())
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == shipped
+    for name in shipped:
+        if name != WEIGHTS:
+            assert sha256(tmp_path / "model" / name) == sha256(MODEL_DIR / name), name
     for name in arithmetic.SPLITS:
         assert sha256(tmp_path / "data" / f"{name}.jsonl") == sha256(DATA_DIR / f"{name}.jsonl"), name
+    with (
+        safe_open(tmp_path / "model" / WEIGHTS, "pt") as ours,
+        safe_open(MODEL_DIR / WEIGHTS, "pt") as theirs,
+    ):
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        for key in theirs.keys():  # noqa: SIM118  (safe_open handles are not mappings)
+            a, b = ours.get_slice(key), theirs.get_slice(key)
+            assert (a.get_shape(), a.get_dtype()) == (b.get_shape(), b.get_dtype()), key
+
+    # made by float32 training: the same behaviour, row by row, within the flip model
+    rows = arithmetic.read_split(DATA_DIR / "test.jsonl")
+    rebuilt, reference = greedy_verdicts(tmp_path / "model", rows), greedy_verdicts(MODEL_DIR, rows)
+    is_carry = [arithmetic.carry(*arithmetic.parse_question(r["question"])) for r in rows]
+    for half, members in (
+        ("all", [True] * len(rows)),
+        ("carry", is_carry),
+        ("no-carry", [not c for c in is_carry]),
+    ):
+        picked = [i for i, m in enumerate(members) if m]
+        flipped = sum(rebuilt[i] != reference[i] for i in picked) / len(picked)
+        within(
+            f"{half} rows whose greedy verdict changed",
+            flipped,
+            FLIP_RATE + 4 * math.sqrt(FLIP_RATE / len(picked)),
+        )
+    # the demo's contract holds for the rebuilt model too
+    acc = sum(rebuilt) / len(rows)
+    assert 0.10 <= acc <= 0.60, (
+        f"rebuilt model's held-out greedy accuracy {acc:.3f} is outside the RL-headroom band"
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import TINY_PATH_TERMS, forward_atol, logprob_atol, max_gap, within
 
 from grpo_ray.records import Batch, Completion, Group
 from learner.config import LearnerConfig
@@ -20,11 +21,17 @@ from learner.model import load_policy
 
 PROMPTS = [[5, 17, 9, 33, 2], [7, 8], [5, 17, 9, 33, 2], [40, 41, 42, 43, 44, 45, 46], [7, 8], [7, 8]]
 COMPLETIONS = [[11, 12, 13], [21], [14, 15, 16, 17, 18, 19], [22, 23, 24, 25], [26, 27, 28, 29, 30], [31, 32]]
+TEMPERATURE = 0.7
+
+
+def _max_abs_logit(policy: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> float:
+    with torch.no_grad():
+        return float(policy(input_ids=pack(prompts, completions, 0, "cpu").input_ids_B_L).logits.abs().max())
 
 
 def _logprobs_and_grads(policy: torch.nn.Module, packed: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
     policy.zero_grad(set_to_none=True)
-    logprobs_B_T, _ = completion_logprobs(policy, packed, temperature=0.7)  # type: ignore[arg-type]
+    logprobs_B_T, _ = completion_logprobs(policy, packed, temperature=TEMPERATURE)  # type: ignore[arg-type]
     weights_B_T = torch.linspace(-1.0, 1.0, logprobs_B_T.numel()).reshape(logprobs_B_T.shape)
     mask = packed.completion_mask_B_T  # type: ignore[attr-defined]
     (logprobs_B_T * weights_B_T * mask).sum().backward()
@@ -32,6 +39,7 @@ def _logprobs_and_grads(policy: torch.nn.Module, packed: object) -> tuple[torch.
     return logprobs_B_T.detach() * mask, grads
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_shared_prompt_forward_matches_the_plain_one(tiny_model: Path, quantization: str) -> None:
     torch.manual_seed(0)
@@ -48,21 +56,27 @@ def test_shared_prompt_forward_matches_the_plain_one(tiny_model: Path, quantizat
     assert shared_batch.prompt_ids_U_P.shape[0] == 3, "six rows, three distinct prompts"
     shared, shared_grads = _logprobs_and_grads(policy, shared_batch)
 
-    assert shared.shape == plain.shape
-    torch.testing.assert_close(shared, plain, atol=2e-5, rtol=1e-5)
+    # one float32 function in two orders (other GEMM shapes, attention over a cache): the forward model
+    atol = logprob_atol(_max_abs_logit(policy, PROMPTS, COMPLETIONS), TEMPERATURE)
+    within("shared vs plain logprobs", max_gap(shared, plain), atol)
     assert len(shared_grads) == len(plain_grads) > 0
     for a, b in zip(shared_grads, plain_grads, strict=True):
-        # float32 sums in a different order: allow 1e-4 of the tensor's own scale
-        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+        # Backward runs the path twice over (2·TINY_PATH_TERMS sums), and the token weights in [-1, 1]
+        # make the 21 tokens' terms cancel: measured Σ_t|g_t| <= 10·|Σ_t g_t| per tensor (max entry).
+        grad_atol = forward_atol(10 * float(b.abs().max()), 2 * TINY_PATH_TERMS)
+        within("shared vs plain LoRA gradient", max_gap(a, b), grad_atol)
 
 
+@pytest.mark.numeric
 def test_single_token_completions_need_only_the_prompt_forward(tiny_model: Path) -> None:
     policy = load_policy(str(tiny_model), LearnerConfig(quantization="none"), seed=0, device="cpu")
     prompts, completions = [[5, 6, 7], [5, 6, 7], [9]], [[1], [2], [3]]
     with torch.no_grad():
         plain, _ = completion_logprobs(policy, pack(prompts, completions, 0, "cpu"), 1.0)
         shared, _ = completion_logprobs(policy, pack_sharing_prompts(prompts, completions, 0, "cpu"), 1.0)
-    torch.testing.assert_close(shared, plain, atol=2e-5, rtol=1e-5)
+    # the same forward model as above, at temperature 1
+    atol = logprob_atol(_max_abs_logit(policy, prompts, completions))
+    within("single-token shared vs plain logprobs", max_gap(shared, plain), atol)
 
 
 def test_an_empty_prompt_is_refused() -> None:

@@ -92,6 +92,8 @@ def test_weights_combine_and_kwargs_reach_the_function(scorer: RewardScorer) -> 
     result = scorer.score(completions, _rows(4))
     assert result.per_term["len"] == [2.0, 4.0, 0.0, 10.0]
     assert result.per_term["scaled"] == [3.0] * 4
+    # Python float arithmetic (weights times term values, summed), identical on every machine; the
+    # sums of a few terms round by ~1e-16, far inside approx's default rel=1e-6
     assert result.rewards == [pytest.approx(0.5 * len(c) + 9.5) for c in completions]
     assert result.masked == [False] * 4
 
@@ -140,7 +142,7 @@ def test_none_nan_inf_and_non_numbers_are_masked_never_zero(scorer: RewardScorer
     metrics = result.metrics
     assert [metrics[f"reward/echo/masked_{r}"] for r in ("none", "nan", "inf", "non_numeric")] == [1, 1, 2, 2]
     assert metrics["reward/echo/masked"] == 6.0
-    assert metrics["reward/echo/mean"] == pytest.approx((2 + 1 + 0.25) / 3)
+    assert metrics["reward/echo/mean"] == pytest.approx((2 + 1 + 0.25) / 3)  # Python floats: ~1e-16 off
 
 
 def test_a_weight_zero_term_is_logged_but_cannot_mask(scorer: RewardScorer) -> None:
@@ -187,7 +189,7 @@ def test_called_from_a_thread(scorer: RewardScorer) -> None:
     thread = threading.Thread(target=lambda: results.append(scorer.score(["ab"], _rows(1))))
     thread.start()
     thread.join(30)
-    assert results[0].rewards == [pytest.approx(10.5)]
+    assert results[0].rewards == [pytest.approx(10.5)]  # Python floats: exact here (0.5·2 + 9.5)
 
 
 def test_empty_batch_and_mismatched_lengths(scorer: RewardScorer) -> None:
