@@ -490,7 +490,7 @@ def _per_token_scale(
     old: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
-    settings: LossSettings,
+    settings: LossConfig,
     ref: torch.Tensor,
     sampler: torch.Tensor,
 ) -> float:
