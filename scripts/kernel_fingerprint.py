@@ -6,8 +6,8 @@ Two runs under different kernel settings print different hashes where those sett
 the last bits of float32 results, as another CPU would. What changes what depends on the CPU: on an
 AVX-512 Intel Xeon ``MKL_ENABLE_INSTRUCTIONS=AVX2`` changes MKL's GEMM; on this project's AMD EPYC
 (AVX-512 too) it does not, as MKL already runs a non-Intel path there, and ``MKL_CBWR=COMPATIBLE``
-(MKL's SSE2 path, no FMA) does, on either. ``ATEN_CPU_CAPABILITY=default`` changes ATen's own kernels
-(softmax, exp, ...), ``ONEDNN_MAX_CPU_ISA=SSE41`` vLLM's oneDNN GEMM (``AVX2`` did not: oneDNN's AVX2
+(MKL's SSE2 path, no FMA) does, on either. ``ATEN_CPU_CAPABILITY=avx2`` or ``=default`` changes ATen's
+own kernels (softmax, exp, ...), ``ONEDNN_MAX_CPU_ISA=SSE41`` vLLM's oneDNN GEMM (``AVX2`` did not: oneDNN's AVX2
 and AVX-512 kernels sum each output in the same order). CI prints this before each test pass so a
 second pass under forced kernels is visibly not a no-op. The inputs are integers over a power of two
 (exact in float32, and made without any vectorised float op, unlike ``randn``), so a different hash

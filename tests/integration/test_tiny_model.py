@@ -106,14 +106,16 @@ def greedy_verdicts(model_dir: Path, rows: list[arithmetic.Row]) -> list[bool]:
     return [a == r["answer"] for a, r in zip(answers, rows, strict=True)]
 
 
+@pytest.mark.numeric  # greedy argmaxes of float32 logits: the band must hold under any kernels
 def test_greedy_heldout_accuracy_leaves_room_for_rl() -> None:
     verdicts = greedy_verdicts(MODEL_DIR, arithmetic.read_split(DATA_DIR / "test.jsonl"))
     acc = sum(verdicts) / len(verdicts)
     assert 0.10 <= acc <= 0.60, f"held-out greedy accuracy {acc:.3f} is outside the RL-headroom band"
 
 
+# Not `numeric`: under the forced kernels MKL's compatible path doubles the ~2.5 min build, more than
+# the second CI pass can spend; FLIP_RATE above was measured by rebuilding under them (and another).
 @pytest.mark.slow
-@pytest.mark.numeric
 def test_rebuild_matches_the_shipped_model(tmp_path: Path) -> None:
     subprocess.run(
         [

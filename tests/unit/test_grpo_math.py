@@ -56,7 +56,7 @@ def _hand_worked_tol(expected: torch.Tensor) -> torch.Tensor:
 def _assert_close(actual: torch.Tensor, expected: object) -> None:
     exp = torch.as_tensor(expected, dtype=actual.dtype)
     assert actual.shape == exp.shape, (actual.shape, exp.shape)
-    gap = (actual.double() - exp.double()).abs()
+    gap = (actual.detach().double() - exp.double()).abs()
     assert not gap.isnan().any(), (actual, exp)
     within("hand-worked tensor / error model", float((gap / _hand_worked_tol(exp)).max()), 1.0)
 
