@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, RunConfig, resolve_project_path
+from cluster.planning.shapes import ModelShapeError, hub_config_path
 
 # rope_parameters / rope_scaling types whose `factor` stretches the context past max_position_embeddings
 # (vLLM's `_get_and_verify_max_len` multiplies by it for these; 'default' and 'mrope' keep it as is).
@@ -28,10 +29,8 @@ def read_model_config(cfg: RunConfig) -> dict[str, Any] | None:
     path: Path | None = local / "config.json" if local.is_dir() else None
     if path is None:
         try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(cfg.model, "config.json"))
-        except Exception:  # offline and not cached, no such repo, gated: nothing to check against here
+            path = hub_config_path(cfg.model)
+        except ModelShapeError:  # offline and not cached, no such repo, gated: nothing to check against here
             return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

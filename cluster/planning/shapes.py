@@ -83,7 +83,7 @@ class ModelShape:
         builtin = builtin_shape(model)
         if builtin is not None:
             return builtin
-        return cls.from_config_dict(_read_json(_download_config(model)))
+        return cls.from_config_dict(_read_json(hub_config_path(model)))
 
     @property
     def q_dim(self) -> int:
@@ -156,13 +156,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _download_config(model: str) -> Path:
+def hub_config_path(model: str) -> Path:
+    """config.json of a hub id: the local Hugging Face cache first (no network), else the hub.
+
+    Raises ModelShapeError (saying how to fetch it) when neither has it: offline, no such repo, gated.
+    """
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise ModelShapeError(
             f"'{model}' is not a local directory and huggingface_hub is not installed to fetch its config.json"
         ) from None
+    try:  # the cache answers at once; the hub, offline, only after its retries
+        return Path(hf_hub_download(model, "config.json", local_files_only=True))
+    except Exception:
+        pass
     try:
         return Path(hf_hub_download(model, "config.json"))
     except Exception as err:  # offline and not cached, no such repo, gated: all mean "no config here"
