@@ -12,7 +12,9 @@ driver's own `time/*` metrics; idle is the step's wall time minus their sum.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks import trl_baseline
@@ -106,50 +108,49 @@ def grpo_ray_child(spec: dict[str, Any]) -> dict[str, Any]:
         workers=spec["workers"],
         cores=spec["cores"],
     )
-    steps: list[dict[str, Any]] = []
     payload: dict[str, float] = {}
-    original_step, original_sync = driver._train_step, driver._sync
+    original_sync = driver.sync
 
-    def timed_step(session: Any, stream: Any, step: int) -> Any:
+    def measured_sync(cfg_: Any, learner: Any, pool: Any, include_base: bool, slots: Any = None) -> Any:
         begin = time.perf_counter()
-        values, version, acks = original_step(session, stream, step)
-        end = time.perf_counter()
-        steps.append(
-            {
-                "step": step,
-                "begin": begin,
-                "end": end,
-                "values": values,
-                "worker_load_s": [a.seconds for a in acks],
-            }
-        )
-        return values, version, acks
-
-    def measured_sync(cfg_: Any, learner: Any, pool: Any, include_base: bool) -> Any:
-        begin = time.perf_counter()
-        result = original_sync(cfg_, learner, pool, include_base)
+        result = original_sync(cfg_, learner, pool, include_base, slots)
         if include_base and not payload:  # the run's first sync, before step 1: not in any timed step
             payload["first_sync_s"] = time.perf_counter() - begin
             payload["first_sync_bytes"] = update_bytes(cfg_, learner, include_base=True)
             payload["sync_bytes"] = update_bytes(cfg_, learner, include_base=False)
         return result
 
-    driver._train_step = timed_step
-    driver._sync = measured_sync  # type: ignore[assignment]
+    driver.sync = measured_sync  # type: ignore[assignment]
     with local_ray():
         driver.run(cfg, echo=lambda *a: print(*a, flush=True))
+    steps = steps_from_metrics(cfg.run_dir)
     return summarise_steps([s for s in steps if s["step"] > warmup], payload)
 
 
+def steps_from_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Each trained step's metrics with its wall span: `time/step` is the time from the previous
+    step's update ending to this one's, so consecutive spans tile the run's step loop."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps, clock = [], 0.0
+    for values in (r for r in rows if "train/loss" in r):
+        begin, clock = clock, clock + float(values["time/step"])
+        steps.append(
+            {
+                "step": values["step"],
+                "begin": begin,
+                "end": clock,
+                "values": values,
+                "worker_load_s": [float(values["sync/worker_load_s_max"])],
+            }
+        )
+    return steps
+
+
 def update_bytes(cfg: Any, learner: Any, include_base: bool) -> float:
-    """Bytes one sync puts in the object store, for the kinds cluster.driver._sync exports."""
-    kinds: list[tuple[str, bool]] = [("merged", include_base)]
-    if cfg.sync == "adapter":
-        kinds = [("base", True)] if include_base and cfg.learner.quantization == "nf4" else []
-        kinds.append(("adapter", False))
-    elif cfg.sync == "worker_merge":
-        kinds = [("worker_merge", include_base)]
-    return float(sum(payload_bytes(learner, kind, base) for kind, base in kinds))
+    """Bytes one sync puts in the object store, for the kinds cluster.policy_sync.sync exports."""
+    from cluster.policy_sync import sync_kinds
+
+    return float(sum(payload_bytes(learner, kind, base) for kind, base in sync_kinds(cfg, include_base)))
 
 
 def payload_bytes(learner: Any, kind: str, include_base: bool) -> int:

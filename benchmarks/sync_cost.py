@@ -168,7 +168,7 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
     from transformers import AutoTokenizer
 
-    import cluster.driver as driver
+    import cluster.policy_sync as policy_sync
     from cluster.placement import bundle_nodes, start_learner_group, start_workers
     from cluster.rollout_pool import RolloutPool
     from grpo_ray.records import Batch
@@ -208,7 +208,7 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
             first_sync_s = {}
             for mode in modes:  # worker_merge last: its base sync leaves the workers holding the base
                 begin = time.perf_counter()
-                driver._sync(config(mode), learner, pool, include_base=True)
+                policy_sync.sync(config(mode), learner, pool, include_base=True)
                 first_sync_s[mode] = time.perf_counter() - begin
             memory["after_first_sync"] = _private_gib(workers)
             for n in (2, 1):
@@ -218,14 +218,16 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
                 for r in range(syncs):
                     for mode in rotated(list(modes), r):
                         begin = time.perf_counter()
-                        _, acks = driver._sync(config(mode), learner, part, include_base=False)
+                        _, acks = policy_sync.sync(config(mode), learner, part, include_base=False)
                         seconds[mode].append(time.perf_counter() - begin)
                         loads[mode].append(max(a.seconds for a in acks))
                 generate_s: dict[str, list[float]] = {m: [] for m in modes}
                 tokens_per_s: dict[str, list[float]] = {m: [] for m in modes}
                 for r in range(rounds):
                     for mode in rotated(list(modes), r):
-                        driver._sync(config(mode), learner, part, include_base=False)  # engines run this mode
+                        policy_sync.sync(
+                            config(mode), learner, part, include_base=False
+                        )  # engines run this mode
                         seed_cfg = config(mode)
                         begin = time.perf_counter()
                         generated = part.generate(
@@ -250,7 +252,7 @@ def big_child(spec: dict[str, Any]) -> dict[str, Any]:
                     }
                 if "worker_merge" in modes:  # one sync with the full check, to price it
                     begin = time.perf_counter()
-                    _, acks = driver._sync(
+                    _, acks = policy_sync.sync(
                         config("worker_merge", check_every=1), learner, part, include_base=False
                     )
                     out["cells"][_key("worker_merge", n)]["checked_sync_s"] = time.perf_counter() - begin

@@ -180,6 +180,20 @@ class RunConfig(Strict):
         "split",
         description="'split': learner and rollout workers on separate resources; 'colocate': one GPU.",
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Asynchronous rollouts: the rollout pool samples future steps while the learner "
+        "trains, and a step trains only on groups at most this many policy versions old (0: "
+        "synchronous, each step sampled by the newest policy).",
+    )
+    stale_groups: Literal["pause", "drop"] = Field(
+        "pause",
+        description="max_staleness > 0: 'pause' holds generation back while it is max_staleness steps "
+        "ahead (nothing too old is ever sampled); 'drop' samples one step further ahead and drops "
+        "(counts and resamples) the groups that are too old when their step trains.",
+    )
     eval_every: int = Field(
         0, ge=0, le=MAX_COUNT, description="Evaluate every N steps (0: only before and after training)."
     )
@@ -262,6 +276,18 @@ class RunConfig(Strict):
             raise ValueError(
                 f"placement 'colocate' shares ONE GPU, but learner.num_gpus = {self.learner.num_gpus}; "
                 "use placement 'split' for a data-parallel learner"
+            )
+        if self.placement == "colocate" and self.max_staleness > 0:
+            raise ValueError(
+                f"max_staleness = {self.max_staleness} asks the engine to sample while the learner trains, "
+                "but placement 'colocate' gives their one GPU to one of them at a time; set max_staleness: 0 "
+                "or use placement 'split'"
+            )
+        if self.max_staleness > 0 and self.learner.loss.tis_cap is None:
+            raise ValueError(
+                f"max_staleness = {self.max_staleness} trains on groups sampled by older policies, but "
+                "learner.loss.tis_cap is null, so nothing would correct for that; set learner.loss.tis_cap "
+                "(e.g. 2.0) to importance-weight them, or max_staleness: 0"
             )
         if self.placement == "colocate" and self.rollout.num_workers != 1:
             raise ValueError(

@@ -15,28 +15,27 @@ from cluster.checkpoint import (
     load_checkpoint,
     load_resume_point,
     restore_metrics,
-    save_checkpoint,
     write_adapter,
 )
 from cluster.config import ConfigError, RunConfig, resolve_project_path
 from cluster.data.evaluate import evaluate
-from cluster.data.prompts import Prompt, PromptSet, PromptStream, load_split
+from cluster.data.prompts import Prompt, PromptSet, load_split
 from cluster.handles import LearnerHandle
 from cluster.launch import await_ready, launch, report_startup, while_ray_starts
 from cluster.planning.batch_plan import derive_plan
 from cluster.planning.model_limits import check_model_limits
+from cluster.policy_sync import full_sync, sync
 from cluster.recovery import LearnerLostError, PoolSizeRequests, checkpoint_advice, forget_metrics_after
-from cluster.rollout_pool import RolloutPool, SyncError
+from cluster.rollout_pool import RolloutPool
 from cluster.run_dir import check_run_root_writable, set_aside_previous_run
+from cluster.step_loop import StepLoop
 from cluster.telemetry.console import quiet_console
 from cluster.telemetry.metrics import MetricsSink
 from cluster.telemetry.report import write_report
 from cluster.telemetry.startup import StartupClock
-from cluster.telemetry.step_stats import rollout_stats
-from grpo_ray.records import Batch, SyncAck
-from grpo_ray.seeds import eval_round_seed, prompt_seeds
+from grpo_ray.records import SyncAck
+from grpo_ray.seeds import eval_round_seed
 from rewards import RewardScorer
-from rewards.config import CORRECTNESS_LABEL
 
 
 @dataclass
@@ -66,6 +65,8 @@ class _Session:
     stack: ExitStack | None = None
     pool_size: PoolSizeRequests | None = None
     clock: StartupClock | None = None  # start-up breakdown: the first step's time goes into it
+    progress: Any = None  # the progress bar's update(step, values)
+    config_yaml: str = ""  # the resolved config, written into every checkpoint
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -104,12 +105,9 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
         # The first sync is absolute (every 4-bit layer, dequantized, plus the adapter), so fresh
         # engines and resumed ones alike run exactly the learner's policy; nothing is applied twice.
         with clock.span("first sync"):
-            version, _ = _sync(cfg, session.learner, session.pool, include_base=True)
-        if checkpoint is None:
-            with clock.span("eval step 0"):
-                before = _evaluate(session, run_dir, step=0)
-            state.accuracy_before = before.get("eval/accuracy")
-
+            version, _ = sync(cfg, session.learner, session.pool, include_base=True)
+        # Step 0's evaluation is queued by the step loop, pinned to this policy: it runs on the
+        # workers while the learner trains step 1.
         report_startup(clock, session.learner, session.pool.workers, run_dir, echo)
         state, version = _train_steps_surviving_learner(session, train, state, version, checkpoint)
         session.pool.admit()  # a worker restarted late joins now if its engine is up (no waiting)
@@ -151,7 +149,7 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
         scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
         learner, pool = _start(cfg, model, tokenizer, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
-        _sync(cfg, learner, pool, include_base=True)
+        sync(cfg, learner, pool, include_base=True)
         tag = f"adapter_{adapter_dir.parent.name}"
         values = evaluate(
             pool,
@@ -188,26 +186,9 @@ def _train_steps_surviving_learner(
 def _train_steps(
     session: _Session, train: PromptSet, state: TrainerState, version: int
 ) -> tuple[TrainerState, int]:
-    cfg, run_dir = session.cfg, session.cfg.run_dir
-    stream = PromptStream(train.prompts, seed=cfg.seed, cursor=state.cursor)
-    progress = _progress(cfg, first_step=state.step)
-    first_step = state.step + 1
-    assert session.clock is not None
-    for step in range(first_step, cfg.steps + 1):
-        session.pool.step = step
-        assert session.pool_size is not None
-        session.pool_size.apply(session.pool)  # a `grpo-ray scale` request, at this step boundary
-        with session.clock.span("first step" if step == first_step else "later steps"):
-            values, version, _ = _train_step(session, stream, step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            values.update(_evaluate(session, run_dir, step, log=False))
-        session.sink.log(step, values)
-        progress(step, values)
-        state = TrainerState(step, version, stream.cursor, state.accuracy_before)
-        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            learner_checkpoint = session.learner.checkpoint_state()
-            save_checkpoint(run_dir, state, learner_checkpoint, _dump_yaml(cfg), cfg.keep_checkpoints)
-    return state, version
+    session.progress = _progress(session.cfg, first_step=state.step)
+    eval_first = state.step == 0 and state.accuracy_before is None  # step 0's evaluation (a fresh run)
+    return StepLoop(session, train, state, version).run(eval_first=eval_first)
 
 
 def _restart_learner(
@@ -235,7 +216,7 @@ def _restart_learner(
     session.stack.callback(learner.stop)
     learner.weight_names(session.pool.packed_modules)  # the learner remembers the engine's fusion map
     session.learner = learner
-    session.pool.full_sync = _full_sync(cfg, learner, session.pool)
+    session.pool.full_sync = full_sync(cfg, learner, session.pool)
     if loaded is None:
         state = TrainerState(step=0, version=0, cursor=0, accuracy_before=first.accuracy_before)
         forget_metrics_after(run_dir, 0)
@@ -244,53 +225,11 @@ def _restart_learner(
         check_compatible(saved, cfg)
         restore_metrics(checkpoint, run_dir)
         learner.restore(learner_state, state.version)
-    version, _ = _sync(cfg, learner, session.pool, include_base=True)
+    version, _ = sync(cfg, learner, session.pool, include_base=True)
     echo(
         f"learner restarted at step {state.step} (policy v{version}); redoing steps {state.step + 1}..{died_at}"
     )
     return state, version
-
-
-def _train_step(
-    session: _Session, stream: PromptStream, step: int
-) -> tuple[dict[str, float], int, list[SyncAck]]:
-    """One GRPO step: sample prompts, generate, score, train, sync. Returns its metrics."""
-    cfg = session.cfg
-    session.pool.step = step
-    timer = _Timer()
-    prompts = stream.take(cfg.prompts_per_step)
-    with timer("generate"):
-        seeds = prompt_seeds(cfg.seed, step, cfg.prompts_per_step, cfg.group_size)
-        groups = session.pool.generate(prompts, cfg.group_size, seeds=seeds)
-    with timer("reward"):
-        rows = {p.index: p.row for p in prompts}
-        flat_rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
-        texts = [c.text for g in groups for c in g.completions]
-        scored = session.scorer.score(texts, flat_rows)
-        correct = scored.per_term[CORRECTNESS_LABEL]
-    rewards_P_G = _regroup(scored.rewards, cfg.group_size)
-    batch = Batch(groups=groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
-    colocated = cfg.placement == "colocate"
-    with timer("train"):
-        if colocated:  # the engine gives the GPU to the learner (no-op on CPU)
-            session.pool.sleep()
-        train_metrics = session.learner.train_step(batch)
-    with timer("sync"):
-        if colocated:  # weights come back from CPU; the new ones arrive from the object store, not disk
-            session.pool.wake_up()
-        version, acks = _sync(cfg, session.learner, session.pool, include_base=False)
-    stats = rollout_stats(groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
-    values = {
-        **stats,
-        **scored.metrics,
-        **train_metrics,
-        **timer.values,
-        **session.pool.take_metrics(),
-        "rollout/groups": float(len(groups)),
-        "policy_version": float(version),
-        "sync/workers_acked": float(len(acks)),
-    }
-    return values, version, acks
 
 
 def _evaluate(session: _Session, run_dir: Path, step: int, log: bool = True) -> dict[str, float]:
@@ -345,12 +284,24 @@ def _open_session(
             RewardScorer(cfg.scored_rewards(), output_log=run_dir / "reward_output.log")
         )
     learner, pool = await_ready(launched, echo, clock, stack)
-    pool.full_sync = _full_sync(cfg, learner, pool)
+    pool.full_sync = full_sync(cfg, learner, pool)
     sink = MetricsSink(cfg, run_dir)
     stack.callback(sink.close)
     pool_size = PoolSizeRequests(cfg, echo)
     return _Session(
-        cfg, learner, pool, scorer, sink, held_out, echo, model, _pad_id(tokenizer), stack, pool_size, clock
+        cfg,
+        learner,
+        pool,
+        scorer,
+        sink,
+        held_out,
+        echo,
+        model,
+        _pad_id(tokenizer),
+        stack,
+        pool_size,
+        clock,
+        config_yaml=_dump_yaml(cfg),
     )
 
 
@@ -432,7 +383,7 @@ def _start(
     learner, pool = await_ready(
         launch(cfg, model, _pad_id(tokenizer), stack, echo, clock), echo, clock, stack
     )
-    pool.full_sync = _full_sync(cfg, learner, pool)
+    pool.full_sync = full_sync(cfg, learner, pool)
     return learner, pool
 
 
@@ -440,79 +391,10 @@ def _pad_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
-def _full_sync(cfg: RunConfig, learner: LearnerHandle, pool: RolloutPool) -> Any:
-    """What a restarted or added worker gets before it takes work: the whole policy, acknowledged."""
-    return lambda slots: _sync(cfg, learner, pool, include_base=True, slots=slots)[1]
-
-
-def _sync(
-    cfg: RunConfig,
-    learner: LearnerHandle,
-    pool: RolloutPool,
-    include_base: bool,
-    slots: list[int] | None = None,
-) -> tuple[int, list[SyncAck]]:
-    """Export once into the object store; every worker loads that copy; acks are checked against it.
-
-    The first sync of a run also carries the base layers (dequantized, or for worker_merge packed
-    NF4), so from step 0 the engines run exactly the learner's policy, never the checkpoint's
-    full-precision weights. worker_merge later sends only LoRA A/B; on the first sync, every
-    `sync_check_every` versions and at the last step, each worker's rebuilt weights are checked
-    against the learner's own merge. `slots`: only those workers (a restarted or added one, with
-    include_base); default all active ones. Raises SyncError naming a worker whose ack differs.
-    """
-    kinds: list[tuple[str, bool]] = [("merged", include_base)]
-    if cfg.sync == "adapter":
-        kinds = [("base", True)] if include_base and cfg.learner.quantization == "nf4" else []
-        kinds.append(("adapter", False))
-    elif cfg.sync == "worker_merge":
-        kinds = [("worker_merge", include_base)]
-    version, acks = -1, []
-    for kind, with_base in kinds:
-        update_ref, summary_ref = learner.export_for_sync(kind, with_base, cfg.sync_check_every, cfg.steps)
-        version, checksum, merged_checksum = _get(summary_ref)
-        acks = pool.sync(update_ref, version, checksum, slots)
-        for ack in acks if merged_checksum is not None else []:
-            if ack.merged_checksum != merged_checksum:
-                raise SyncError(
-                    f"rollout worker {ack.worker} rebuilt policy v{version} with checksum "
-                    f"{ack.merged_checksum}, but the learner's merge has {merged_checksum}: its merged "
-                    "weights drifted from the learner's (same arithmetic expected; see grpo_ray/merge_math.py)"
-                )
-    return version, acks
-
-
-def _regroup(flat: list, group_size: int) -> list[list]:
-    return [flat[i : i + group_size] for i in range(0, len(flat), group_size)]
-
-
-def _get(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref)
-
-
 def _dump_yaml(cfg: RunConfig) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-
-    def __call__(self, name: str) -> Any:
-        timer = self
-
-        class _Span:
-            def __enter__(self) -> None:
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc: object) -> None:
-                timer.values[f"time/{name}"] = time.perf_counter() - self.start
-
-        return _Span()
 
 
 def _progress(cfg: RunConfig, first_step: int = 0) -> Any:

@@ -31,6 +31,14 @@ class RolloutWorkerHandle(Protocol):
     info: RemoteMethod  # () -> ref of dict[str, Any]
 
 
+class PendingTrainHandle(Protocol):
+    """An update running on the learner (`learner.data_parallel.PendingTrainStep`)."""
+
+    refs: list[Any]  # Ray object refs to wait on
+
+    def result(self) -> dict[str, float]: ...
+
+
 class LearnerHandle(Protocol):
     """The learner's verbs as the driver calls them (blocking; one or more data-parallel ranks)."""
 
@@ -38,6 +46,8 @@ class LearnerHandle(Protocol):
     def world_size(self) -> int: ...
 
     def train_step(self, batch: Batch) -> dict[str, float]: ...
+
+    def start_train_step(self, batch: Batch) -> PendingTrainHandle: ...
 
     def export_for_sync(
         self, kind: str, include_base: bool, check_every: int = 0, final_version: int = -1

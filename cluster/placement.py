@@ -11,6 +11,7 @@ from typing import Any
 
 from cluster.config import RunConfig
 from cluster.handles import LearnerHandle, RolloutWorkerHandle
+from grpo_ray.cpu_cores import cores_env
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,16 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
         "OMP_NUM_THREADS": str(cfg.rollout.threads_per_worker),
         "VLLM_LOGGING_LEVEL": "ERROR",  # its start-up warnings are about CPU tuning, not our run
         "TOKENIZERS_PARALLELISM": "false",
+        **cores_env(cfg.rollout.cpu_cores),
     }
 
 
 def learner_env(cfg: RunConfig) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(cfg.learner.threads), "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "OMP_NUM_THREADS": str(cfg.learner.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        **cores_env(cfg.learner.cpu_cores),
+    }
 
 
 def learner_world_size(cfg: RunConfig) -> int:

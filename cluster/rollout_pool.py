@@ -81,6 +81,16 @@ class RolloutPool:
         self.last_acks: dict[int, SyncAck] = {}  # slot -> the newest ack it sent
         self.packed_modules: dict[str, list[str]] = {}  # the engine's fusion map, for a new learner
         self._workers_at_start = len(workers)
+        self.queue = WorkQueue()
+        self._in_flight: dict[Any, tuple[int, Any, Chunk]] = {}  # generate ref -> (slot, actor, chunk)
+        # load ref -> (slot, actor, version, (checksum, merged checksum or None))
+        self._loading: dict[Any, tuple[int, Any, int, tuple[str, str | None]]] = {}
+        self.held: dict[int, int] = {}  # slot -> version of the newest load sent to it
+        self.sync_seconds: dict[int, float] = {}  # slot -> send-to-ack seconds of its newest load
+        self._sent_at: dict[int, float] = {}
+        now = time.monotonic()
+        self._idle_at: dict[int, float | None] = dict.fromkeys(self.active, now)  # None: busy
+        self._idle_s = 0.0  # worker-seconds with no generate call in flight, since take_metrics()
 
     # ---- what the driver reads ------------------------------------------------------------------
 
@@ -99,7 +109,15 @@ class RolloutPool:
 
     def take_metrics(self) -> dict[str, float]:
         """This step's pool metrics; the event counts restart from zero."""
+        now = time.monotonic()
+        for slot in self.active:  # close the open idle spans at this instant
+            since = self._idle_at.get(slot)
+            if since is not None:
+                self._idle_s += now - since
+                self._idle_at[slot] = now
+        workers = max(1, len(self.active))
         values = {
+            "time/rollout_idle": self._idle_s / workers,
             "pool/workers": float(self._workers_at_start),
             "pool/joining": float(len(self.joining)),
             "pool/restarts": float(self.events["restarts"]),
@@ -107,48 +125,151 @@ class RolloutPool:
             "pool/dropped": float(self.events["dropped"]),
         }
         self.events.clear()
+        self._idle_s = 0.0
         return values
+
+    def _busy(self, slot: int) -> None:
+        since = self._idle_at.get(slot)
+        if since is not None:
+            self._idle_s += time.monotonic() - since
+        self._idle_at[slot] = None
 
     # ---- generate -------------------------------------------------------------------------------
 
     def generate(
         self, prompts: list[Prompt], group_size: int, seeds: list[int] | None, greedy: bool = False
     ) -> list[Group]:
-        """One group of `group_size` completions per prompt, in prompt order.
+        """One group of `group_size` completions per prompt, in prompt order (blocking).
 
         `seeds`: one per prompt slot (vLLM gives the n samples of a request seeds seed..seed+n-1),
         or None for greedy decoding. Raises RolloutPoolError when no worker is left.
         """
-        import ray
-
         self.admit(block=not self.active)
         self._workers_at_start = len(self.active)
-        queue = WorkQueue()
+        key = self.submit(prompts, group_size, seeds, greedy)
+        while not self.queue.complete(key):
+            self.dispatch()
+            self.wait()
+        return self.queue.results(key)
+
+    def submit(
+        self,
+        prompts: list[Prompt],
+        group_size: int,
+        seeds: list[int] | None,
+        greedy: bool = False,
+        *,
+        policy_version: int | None = None,
+        front: bool = False,
+    ) -> int:
+        """Queue a request without waiting; returns its key (`results(key)` once `complete(key)`).
+
+        `policy_version`: only workers holding exactly that version run it (see `dispatch`);
+        `front`: ahead of all waiting work."""
         size = self.prompts_per_chunk or -(-len(prompts) // max(1, len(self.active)))
-        key = queue.add([(p.index, p.token_ids) for p in prompts], seeds, group_size, size, greedy)
-        in_flight: dict[Any, tuple[int, Chunk]] = {}  # call ref -> (slot, chunk)
-        while not queue.complete(key):
-            busy = {slot for slot, _ in in_flight.values()}
-            for slot in sorted(self.active):
-                if slot not in busy and queue.waiting:
-                    chunk = queue.take()
-                    assert chunk is not None
-                    in_flight[chunk_call(self.active[slot], chunk)] = (slot, chunk)
-            if not in_flight:  # work is waiting and no worker is active: wait for a joining one
-                self.admit(block=True)
+        work = [(p.index, p.token_ids) for p in prompts]
+        return self.queue.add(work, seeds, group_size, size, greedy, policy_version, front)
+
+    def complete(self, key: int) -> bool:
+        return self.queue.complete(key)
+
+    def results(self, key: int) -> list[Group]:
+        """A complete request's groups in prompt order; the request is forgotten."""
+        return self.queue.results(key)
+
+    def cancel(self, key: int) -> None:
+        """Drop a request: waiting chunks leave the queue, running ones' results are ignored."""
+        self.queue.cancel(key)
+
+    def dispatch(self, may_run: Callable[[Chunk], bool] | None = None) -> None:
+        """Hand waiting chunks to active workers that have none in flight, oldest first.
+
+        A chunk pinned to a policy version goes only to a worker whose newest load is that version.
+        `may_run`: which other chunks may start now (the step loop's staleness bound).
+        A worker's calls run in the order they were sent, so a chunk handed out after a load runs
+        under that load's policy, and one handed out before it under the previous one.
+        """
+        if not self.queue.waiting:
+            return
+        busy = {slot for slot, _, _ in self._in_flight.values()}
+        held_now = {self.held.get(slot) for slot in self.active}
+        for slot in sorted(self.active):
+            if slot in busy:
                 continue
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                slot, chunk = in_flight.pop(ref)
-                try:
-                    groups = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    queue.requeue(chunk)
-                    self._lost(slot, err, len(chunk.prompts))
-                    continue
-                queue.finish(chunk, groups)
-                self.chunks_by_slot[slot] += 1
-        return queue.results(key)
+            held = self.held.get(slot)
+
+            def eligible(chunk: Chunk, held: int | None = held) -> bool:
+                if chunk.policy_version is not None:
+                    # No worker holds it any more (all that did died): the newest policy runs it.
+                    return chunk.policy_version == held or chunk.policy_version not in held_now
+                return may_run is None or may_run(chunk)
+
+            chunk = self.queue.take(eligible)
+            if chunk is None:
+                continue
+            actor = self.active[slot]
+            self._in_flight[chunk_call(actor, chunk)] = (slot, actor, chunk)
+            self._busy(slot)
+
+    def wait(self, also: list[Any] | None = None, timeout: float | None = None) -> list[Any]:
+        """Block until a chunk, a load or one of `also` (object refs) finishes, or `timeout` s pass.
+
+        Finished chunks go into their requests (a failed one is re-queued and its worker handled as
+        lost); finished loads are checked (SyncError on a wrong ack). Returns the refs of `also`
+        that are done. With nothing to wait for it returns at once (after admitting joining workers
+        when no worker is active: RolloutPoolError if none is left).
+        """
+        import ray
+
+        also = list(also or [])
+        if not self._in_flight and not self._loading and not also:
+            if self.queue.waiting and not self.active:
+                self.admit(block=True)
+            return []
+        refs = [*self._in_flight, *self._loading, *also]
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        ready_also = []
+        for ref in done:
+            if ref in self._in_flight:
+                self._chunk_done(ref)
+            elif ref in self._loading:
+                self._load_done(ref)
+            else:
+                ready_also.append(ref)
+        return ready_also
+
+    def drain(self) -> None:
+        """Wait for every chunk and load in flight (their results are kept, or ignored for cancelled
+        requests); waiting chunks stay queued."""
+        while self._in_flight or self._loading:
+            self.wait()
+
+    @property
+    def in_flight(self) -> int:
+        """Generate calls running now."""
+        return len(self._in_flight)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a generate or load call is running."""
+        return bool(self._in_flight or self._loading)
+
+    def _chunk_done(self, ref: Any) -> None:
+        import ray
+
+        slot, actor, chunk = self._in_flight.pop(ref)
+        current = self.active.get(slot) is actor  # not a worker since removed or replaced
+        if current:
+            self._idle_at[slot] = time.monotonic()
+        try:
+            groups = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            self.queue.requeue(chunk)
+            if current:
+                self._lost(slot, err, len(chunk.prompts))
+            return
+        self.queue.finish(chunk, groups)
+        self.chunks_by_slot[slot] += 1
 
     # ---- sync -----------------------------------------------------------------------------------
 
@@ -172,14 +293,50 @@ class RolloutPool:
             except ray.exceptions.RayError as err:
                 self._lost(slot, err, 0, during=f"loading policy v{version}")
                 continue
-            if ack.version != version or ack.checksum != checksum:
-                raise SyncError(
-                    f"rollout worker {slot} acknowledged policy v{ack.version} with checksum {ack.checksum}, "
-                    f"expected v{version} with checksum {checksum}: its weights differ from the learner's"
-                )
-            self.last_acks[slot] = ack
+            self._check_ack(slot, ack, version, checksum)
+            self.held[slot] = version
             acks.append(ack)
         return acks
+
+    def send(self, update_ref: Any, version: int, checksum: str, merged_checksum: str | None = None) -> None:
+        """Every active worker loads the update after the calls already sent to it; returns at once.
+
+        Acks are checked as they arrive (`wait`, `drain`), a wrong one raising SyncError; with
+        `merged_checksum` (worker_merge's full check) also the weights each worker rebuilt.
+        """
+        for slot in sorted(self.active):
+            actor = self.active[slot]
+            self._loading[actor.load.remote(update_ref)] = (slot, actor, version, (checksum, merged_checksum))
+            self.held[slot] = version
+            self._sent_at[slot] = time.monotonic()
+
+    def acked(self, version: int) -> bool:
+        """Whether every active worker has acknowledged `version` (or a newer one)."""
+        return all(
+            self.last_acks.get(s) is not None and self.last_acks[s].version >= version for s in self.active
+        )
+
+    def _load_done(self, ref: Any) -> None:
+        import ray
+
+        slot, actor, version, (checksum, merged_checksum) = self._loading.pop(ref)
+        try:
+            ack = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            if self.active.get(slot) is actor:
+                self._lost(slot, err, 0, during=f"loading policy v{version}")
+            return
+        self._check_ack(slot, ack, version, checksum)
+        check_merged(ack, version, merged_checksum)
+        self.sync_seconds[slot] = time.monotonic() - self._sent_at.get(slot, time.monotonic())
+
+    def _check_ack(self, slot: int, ack: SyncAck, version: int, checksum: str) -> None:
+        if ack.version != version or ack.checksum != checksum:
+            raise SyncError(
+                f"rollout worker {slot} acknowledged policy v{ack.version} with checksum {ack.checksum}, "
+                f"expected v{version} with checksum {checksum}: its weights differ from the learner's"
+            )
+        self.last_acks[slot] = ack
 
     def sleep(self) -> None:
         self._call_all("sleep")
@@ -230,6 +387,7 @@ class RolloutPool:
         for slot in slots:
             if slot in self.joining and slot in acks:
                 self.active[slot] = self.joining.pop(slot).actor
+                self._idle_at[slot] = time.monotonic()
                 self._nodes[slot] = self.spawner.node(slot) if self.spawner is not None else "?"
                 ack = acks[slot]
                 self.echo(
@@ -260,6 +418,7 @@ class RolloutPool:
         while self.size > workers:
             slot = max(self.joining) if self.joining else max(self.active)
             actor = self.joining.pop(slot).actor if slot in self.joining else self.active.pop(slot)
+            self._forget(slot)  # a chunk it was running goes back to the queue when its call fails
             self._release(slot, actor)
             self.echo(f"rollout pool shrinks to {workers} at step {self.step}: worker {slot} removed")
 
@@ -275,6 +434,7 @@ class RolloutPool:
 
     def _lost(self, slot: int, err: BaseException, requeued: int, during: str = "") -> None:
         actor = self.active.pop(slot, None)
+        self._forget(slot)
         if actor is None and slot in self.joining:
             actor = self.joining.pop(slot).actor
         node = self._nodes.get(slot, "?")
@@ -298,6 +458,10 @@ class RolloutPool:
         self.events["restarts"] += 1
         self.echo(f"{head}, restarting ({count}/{self.max_restarts})")
         self._start(slot)
+
+    def _forget(self, slot: int) -> None:
+        self.held.pop(slot, None)
+        self._idle_at.pop(slot, None)
 
     def _start(self, slot: int) -> None:
         assert self.spawner is not None
@@ -328,6 +492,17 @@ class RolloutPool:
             f"no rollout worker is left at step {self.step} (restarts so far: {restarts}; "
             f"rollout.max_restarts = {self.max_restarts}){'; last error ' + last if last else ''}. "
             "Completed checkpoints are kept: fix the cause (see the workers' log lines above) and rerun with --resume"
+        )
+
+
+def check_merged(ack: SyncAck, version: int, merged_checksum: str | None) -> None:
+    """worker_merge's full check: the weights a worker rebuilt must be the learner's merge, bit for
+    bit. SyncError otherwise; nothing to check when the update did not ask (None)."""
+    if merged_checksum is not None and ack.merged_checksum != merged_checksum:
+        raise SyncError(
+            f"rollout worker {ack.worker} rebuilt policy v{version} with checksum "
+            f"{ack.merged_checksum}, but the learner's merge has {merged_checksum}: its merged "
+            "weights drifted from the learner's (same arithmetic expected; see grpo_ray/merge_math.py)"
         )
 
 

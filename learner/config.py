@@ -138,6 +138,11 @@ class LearnerConfig(Strict):
         0, ge=0, le=2, description="DeepSpeed ZeRO stage over the LoRA parameters when data-parallel (0-2)."
     )
     num_cpus: float = Field(1.0, ge=0, le=1024, description="Ray CPUs reserved for the learner.")
+    cpu_cores: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="CPU only: pin the learner's process to these core ids, e.g. [1] (null: not pinned).",
+    )
     threads: int = Field(2, ge=1, le=1024, description="CPU only: torch threads the learner uses.")
 
     def chunk_tokens_for(self, vocab_size: int) -> int:

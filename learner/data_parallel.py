@@ -84,6 +84,21 @@ def merge_metrics(per_rank: list[dict[str, float]], shards: list[Shard]) -> dict
     return merged
 
 
+@dataclasses.dataclass
+class PendingTrainStep:
+    """An update running on the learner ranks: `refs` to wait on, `result()` its metrics."""
+
+    refs: list[Any]
+    shards: list[Shard] | None  # None: one rank trained on the whole batch
+
+    def result(self) -> dict[str, float]:
+        """The step's metrics (blocks until every rank is done; RayActorError if a rank died)."""
+        import ray
+
+        per_rank = ray.get(self.refs)
+        return dict(per_rank[0]) if self.shards is None else merge_metrics(per_rank, self.shards)
+
+
 class LearnerGroup:
     """The learner's verbs over `ranks` (Learner actor handles), driver side. With more than one rank
     they join a DeepSpeed group (ZeRO stage `cfg.zero_stage`) as soon as they have loaded the model;
@@ -114,14 +129,18 @@ class LearnerGroup:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One GRPO update on `batch` (P groups x G completions, rewards_P_G); the step's `train/*` and
         `sync/logprob_gap_*` metrics as one Learner on the whole batch reports them."""
-        import ray
+        return self.start_train_step(batch).result()
 
+    def start_train_step(self, batch: Batch) -> PendingTrainStep:
+        """`train_step` without waiting: the update runs on the ranks while the driver goes on.
+
+        Calls the driver sends the ranks afterwards (export, checkpoint) run after this update."""
         self.ready()
         if self.world_size == 1:
-            return dict(ray.get(self.ranks[0].train_step.remote(batch)))
+            return PendingTrainStep([self.ranks[0].train_step.remote(batch)], None)
         shards = split_batch(batch, self.world_size, self.cfg)
-        per_rank = ray.get([r.train_shard.remote(s) for r, s in zip(self.ranks, shards, strict=True)])
-        return merge_metrics(per_rank, shards)
+        refs = [r.train_shard.remote(s) for r, s in zip(self.ranks, shards, strict=True)]
+        return PendingTrainStep(refs, shards)
 
     def export_for_sync(
         self, kind: str, include_base: bool, check_every: int = 0, final_version: int = -1

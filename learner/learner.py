@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from grpo_ray.checksum import weights_checksum
+from grpo_ray.cpu_cores import pin_from_env
 from grpo_ray.records import Batch, Group, Shard, WeightUpdate
 from grpo_ray.spans import Span, Spans, process_cpu_so_far, process_start_time
 from learner.config import LearnerConfig, LossConfig
@@ -46,6 +47,7 @@ class Learner:
         # up to here, then the model load (see `startup_spans`).
         self.spans = Spans()
         self.spans.add("process start", process_start_time(), time.time(), process_cpu_so_far())
+        pin_from_env()  # cores cluster/placement.py chose (resource-fair CPU benchmarks)
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cfg.threads)

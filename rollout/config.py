@@ -69,6 +69,11 @@ class RolloutConfig(Strict):
     enable_prefix_caching: bool = Field(
         True, description="Share the prompt's KV cache across the group's samples."
     )
+    cpu_cores: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="CPU only: pin each engine's process (every worker on the same cores) to these core ids, e.g. [1] (null: not pinned).",
+    )
     threads_per_worker: int = Field(
         1, ge=1, le=1024, description="CPU only: torch/OpenMP threads each engine uses."
     )

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from grpo_ray.checksum import weights_checksum
+from grpo_ray.cpu_cores import pin_from_env
 from grpo_ray.records import Group, SyncAck, WeightUpdate
 from grpo_ray.seeds import engine_seed
 from grpo_ray.spans import Span, Spans, imports_without_gc, process_cpu_so_far, process_start_time
@@ -33,6 +34,7 @@ class RolloutWorker:
         # up to here, then torch, vLLM and the engine (see `startup_spans`).
         self.spans = Spans()
         self.spans.add("process start", process_start_time(), time.time(), process_cpu_so_far())
+        pin_from_env()  # cores cluster/placement.py chose (resource-fair CPU benchmarks), before threads start
         with self.spans.span("import torch"), imports_without_gc():
             import torch
 

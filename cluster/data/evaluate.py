@@ -30,43 +30,86 @@ def evaluate(
     samples: int = 0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Held-out accuracy of the policy the rollout workers hold now.
+    """Held-out accuracy of the policy the rollout workers hold now (blocking; see `EvalRound`)."""
+    pool.admit(block=not pool.active)
+    round_ = EvalRound(pool, prompts, samples, seed)
+    while not round_.complete():
+        pool.dispatch()
+        pool.wait()
+    return round_.finish(scorer, out_dir, tag)
 
-    `scorer` must carry the correctness term (`RunConfig.scored_rewards()`); `seed` is the round's
-    seed (`grpo_ray.seeds.eval_round_seed`), from which each question's sample seeds derive. Returns
-    `eval/accuracy` (greedy pass@1, fraction in [0, 1]), `eval/questions` and, with samples = k > 0,
-    `eval/mean@k` and `eval/pass@k`. A masked verdict (the function raised, timed out, returned None)
-    counts as wrong; RewardFailure if it masks more than rewards.max_masked_fraction.
+
+class EvalRound:
+    """One held-out evaluation, queued on the rollout pool; it runs while the driver does other work.
+
+    `policy_version`: the round's chunks run only on workers holding exactly that version, so a
+    round queued right after a sync measures that policy even while the learner trains the next one
+    (None: whatever the workers hold when they take it). `seed` is the round's seed
+    (`grpo_ray.seeds.eval_round_seed`), from which each question's sample seeds derive.
     """
-    rows = {p.index: p.row for p in prompts}
-    greedy = _judge(pool.generate(prompts, group_size=1, seeds=None, greedy=True), rows, scorer)
-    sampled: dict[int, list[tuple[str, bool]]] = {}
-    if samples:
-        seeds = eval_sample_seeds(seed, len(prompts), samples)
-        sampled = _judge(pool.generate(prompts, group_size=samples, seeds=seeds), rows, scorer)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"eval_{tag}.jsonl").open("w") as file:
-        for prompt in prompts:
-            (completion, correct), *_ = greedy[prompt.index]
-            record: dict[str, Any] = {
-                "index": prompt.index,
-                "gold": prompt.row["gold"],
-                "completion": completion,
-                "correct": correct,
-            }
-            if samples:
-                record["samples"] = [{"completion": c, "correct": ok} for c, ok in sampled[prompt.index]]
-            file.write(json.dumps(record) + "\n")
+    def __init__(
+        self,
+        pool: RolloutPool,
+        prompts: list[Prompt],
+        samples: int = 0,
+        seed: int = 0,
+        policy_version: int | None = None,
+    ) -> None:
+        self.pool, self.prompts, self.samples = pool, prompts, samples
+        self.policy_version = policy_version
+        self.greedy = pool.submit(prompts, 1, None, greedy=True, policy_version=policy_version)
+        self.sampled = None
+        if samples:
+            seeds = eval_sample_seeds(seed, len(prompts), samples)
+            self.sampled = pool.submit(prompts, samples, seeds, policy_version=policy_version)
 
-    values = {
-        "eval/accuracy": _mean([greedy[p.index][0][1] for p in prompts]),
-        "eval/questions": float(len(prompts)),
-    }
-    if samples:
-        values[f"eval/mean@{samples}"] = _mean([ok for p in prompts for _, ok in sampled[p.index]])
-        values[f"eval/pass@{samples}"] = _mean([any(ok for _, ok in sampled[p.index]) for p in prompts])
-    return values
+    def complete(self) -> bool:
+        return self.pool.complete(self.greedy) and (self.sampled is None or self.pool.complete(self.sampled))
+
+    def cancel(self) -> None:
+        for key in (self.greedy, self.sampled):
+            if key is not None:
+                self.pool.cancel(key)
+
+    def finish(self, scorer: RewardScorer, out_dir: Path, tag: str) -> dict[str, float]:
+        """Judge the completed round and write out_dir/eval_<tag>.jsonl.
+
+        `scorer` must carry the correctness term (`RunConfig.scored_rewards()`). Returns
+        `eval/accuracy` (greedy pass@1, fraction in [0, 1]), `eval/questions` and, with samples =
+        k > 0, `eval/mean@k` and `eval/pass@k`. A masked verdict (the function raised, timed out,
+        returned None) counts as wrong; RewardFailure if it masks more than
+        rewards.max_masked_fraction.
+        """
+        prompts, samples = self.prompts, self.samples
+        rows = {p.index: p.row for p in prompts}
+        greedy = _judge(self.pool.results(self.greedy), rows, scorer)
+        sampled: dict[int, list[tuple[str, bool]]] = {}
+        if self.sampled is not None:
+            sampled = _judge(self.pool.results(self.sampled), rows, scorer)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / f"eval_{tag}.jsonl").open("w") as file:
+            for prompt in prompts:
+                (completion, correct), *_ = greedy[prompt.index]
+                record: dict[str, Any] = {
+                    "index": prompt.index,
+                    "gold": prompt.row["gold"],
+                    "completion": completion,
+                    "correct": correct,
+                }
+                if samples:
+                    record["samples"] = [{"completion": c, "correct": ok} for c, ok in sampled[prompt.index]]
+                file.write(json.dumps(record) + "\n")
+
+        values = {
+            "eval/accuracy": _mean([greedy[p.index][0][1] for p in prompts]),
+            "eval/questions": float(len(prompts)),
+        }
+        if samples:
+            values[f"eval/mean@{samples}"] = _mean([ok for p in prompts for _, ok in sampled[p.index]])
+            values[f"eval/pass@{samples}"] = _mean([any(ok for _, ok in sampled[p.index]) for p in prompts])
+        return values
 
 
 def _judge(

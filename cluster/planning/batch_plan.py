@@ -33,10 +33,27 @@ class Plan:
             f"  workers : {cfg.rollout.num_workers} rollout worker(s) pulling chunks of "
             f"{cfg.rollout.prompts_per_chunk} prompts ({-(-cfg.prompts_per_step // cfg.rollout.prompts_per_chunk)} "
             f"per step) from a queue; placement '{cfg.placement}'",
+            f"  rollouts: {_rollout_mode(cfg)}",
         ]
         for bundle in plan_bundles(cfg):
             lines.append(f"    {bundle.role:<10} CPU {bundle.cpus:g}  GPU {bundle.gpus:g}")
         return "\n".join(lines)
+
+
+def _rollout_mode(cfg: RunConfig) -> str:
+    k = cfg.max_staleness
+    if k == 0:
+        return "synchronous (each step sampled by the newest policy; max_staleness 0)"
+    ahead = k + (1 if cfg.stale_groups == "drop" else 0)
+    rule = (
+        "groups older than that are dropped and resampled"
+        if cfg.stale_groups == "drop"
+        else "generation pauses rather than sample older ones"
+    )
+    return (
+        f"asynchronous: the pool samples up to {ahead} step(s) ahead while the learner trains; a step trains on "
+        f"groups at most {k} policy version(s) old ({rule}), truncated importance sampling corrects the rest"
+    )
 
 
 def derive_plan(cfg: RunConfig) -> Plan:

@@ -53,3 +53,30 @@ def test_a_chunk_finished_twice_or_short_is_an_error() -> None:
         queue.finish(chunk, _groups(chunk.prompts))
     with pytest.raises(ValueError, match="one seed per prompt slot"):
         queue.add([(0, [0])], [1, 2], group_size=2, prompts_per_chunk=1)
+
+
+def test_pinned_chunks_go_only_where_eligible_and_front_requests_jump_the_queue() -> None:
+    queue = WorkQueue()
+    later = queue.add([(i, [i]) for i in range(2)], None, group_size=2, prompts_per_chunk=1)
+    pinned = queue.add([(9, [9])], None, group_size=1, prompts_per_chunk=1, greedy=True, policy_version=3)
+    first = queue.add([(5, [5])], [50], group_size=2, prompts_per_chunk=1, front=True)
+    assert queue.pinned_waiting(below=4) and not queue.pinned_waiting(below=3)
+    chunk = queue.take()
+    assert chunk is not None and chunk.key == first  # resampled prompts go ahead of everything
+    # a worker holding v2 may not take the chunk pinned to v3: it gets the next unpinned one
+    chunk = queue.take(lambda c: c.policy_version is None or c.policy_version == 2)
+    assert chunk is not None and chunk.key == later and chunk.policy_version is None
+    chunk = queue.take(lambda c: c.policy_version == 3)
+    assert chunk is not None and chunk.key == pinned and not queue.pinned_waiting(below=4)
+
+
+def test_a_cancelled_request_leaves_the_queue_and_late_results_are_ignored() -> None:
+    queue = WorkQueue()
+    key = queue.add([(i, [i]) for i in range(4)], None, group_size=2, prompts_per_chunk=2)
+    running = queue.take()
+    assert running is not None
+    queue.cancel(key)
+    assert queue.waiting == 0 and not queue.complete(key)
+    queue.finish(running, _groups(running.prompts))  # arrives after the cancel: dropped
+    queue.requeue(running)  # its worker died after the cancel: not queued again
+    assert queue.waiting == 0

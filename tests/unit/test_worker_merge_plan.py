@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import cluster.driver as driver
+import cluster.policy_sync as policy_sync
 from cluster.config import load_config
 from cluster.planning.memory import (
     QWEN25_SHAPES,
@@ -56,16 +56,18 @@ def _cfg(*overrides: str) -> Any:
 
 
 def test_driver_sync_names_the_worker_whose_rebuild_drifted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(driver, "_get", lambda ref: ref)  # the fakes hand back values, not object refs
+    monkeypatch.setattr(policy_sync, "_get", lambda ref: ref)  # the fakes hand back values, not object refs
     learner = _Learner("learner-merge")
     cfg = _cfg("sync_check_every=5", "steps=7")
-    version, acks = driver._sync(cfg, learner, _Pool(["learner-merge", "learner-merge"]), include_base=False)
+    version, acks = policy_sync.sync(
+        cfg, learner, _Pool(["learner-merge", "learner-merge"]), include_base=False
+    )
     assert version == 3 and len(acks) == 2
     assert learner.calls == [("worker_merge", False, 5, 7)]  # one export, the schedule from the config
     with pytest.raises(SyncError, match="rollout worker 1 rebuilt policy v3"):
-        driver._sync(cfg, learner, _Pool(["learner-merge", "drifted"]), include_base=False)
+        policy_sync.sync(cfg, learner, _Pool(["learner-merge", "drifted"]), include_base=False)
     # Not a check sync (the learner sent no merged checksum): the acks' rebuilt checksums are not compared.
-    driver._sync(cfg, _Learner(None), _Pool([None, None]), include_base=False)
+    policy_sync.sync(cfg, _Learner(None), _Pool([None, None]), include_base=False)
 
 
 def test_planner_counts_the_packed_base_next_to_the_engine() -> None:

@@ -210,6 +210,26 @@ def _draw_pool(fig: Any, m: Metrics, keys: list[str]) -> None:
     _finish(ax, "Rollout pool: workers per step, restarts and re-queued prompts", "count")
 
 
+def _draw_async(fig: Any, m: Metrics, keys: list[str]) -> None:
+    """Top: how old the trained groups were (policy versions) and how many were dropped as too old;
+    bottom: seconds per step the learner waited for data and each rollout worker sat idle."""
+    counts = [k for k in keys if k.startswith("async/")]
+    waits = [k for k in keys if k.startswith("time/")]
+    rows = bool(counts) + bool(waits)
+    row = 1
+    if counts:
+        ax = fig.add_subplot(rows, 1, row)
+        for key in counts:
+            _line(ax, m, key, drawstyle="steps-mid")
+        _finish(ax, "Staleness of trained groups and groups dropped as too old", "versions / groups")
+        row += 1
+    if waits:
+        ax = fig.add_subplot(rows, 1, row)
+        for key in waits:
+            _line(ax, m, key)
+        _finish(ax, "Learner waiting for data, rollout workers idle", "s per step")
+
+
 def _term_keys(m: Metrics) -> list[str]:
     return sorted(k for k in m.logged_keys() if _TERM_MEAN.match(k) and m.has(k))
 
@@ -253,6 +273,18 @@ PLOTS: tuple[PlotSpec, ...] = (
         _draw_pool,
     ),
     PlotSpec(
+        "async.png",
+        "Asynchronous rollouts: staleness, waiting, idle",
+        _present(
+            "async/staleness_mean",
+            "async/staleness_max",
+            "async/dropped_stale",
+            "time/learner_wait",
+            "time/rollout_idle",
+        ),
+        _draw_async,
+    ),
+    PlotSpec(
         "optimizer.png",
         "Loss, entropy, clipping, gradient norm",
         _present("train/loss", "train/entropy", "train/clip_frac", "train/grad_norm"),
@@ -277,6 +309,8 @@ def _figure_size(spec: PlotSpec, keys: list[str]) -> tuple[float, float]:
             "rollout/truncated_fraction" in keys
         )
         return 10.0, 3.2 * panels + 0.6
+    if spec.file == "async.png":
+        return 10.0, 7.0 if any(k.startswith("async/") for k in keys) and "time/learner_wait" in keys else 4.2
     if spec.file == "optimizer.png":
         return 10.0, 3.2 * math.ceil(len(keys) / 2) + 0.6
     return 10.0, 4.2
