@@ -9,7 +9,8 @@ the driver, Ray's own processes and the reward scorer are not pinned. Same workl
 mode (benchmarks/common.py: the 22.9M-parameter benchmark model, 16 prompts x 8 completions of
 exactly 64 tokens, NF4 + LoRA), modes alternated per round, each a fresh child process.
 
-Per mode: completion tokens/s over the timed steps, the ratio to synchronous, and each side's
+Per mode: completion tokens/s over the timed steps (after `--warmup` steps, before the last
+max(k) steps of every run, where an async pool has nothing left to sample), the ratio to synchronous, and each side's
 utilisation (rollout: 1 - idle/step time from `time/rollout_idle`; learner: `time/train`/step
 time). The cost model (benchmarks/step_time_model.py) is fed the synchronous run's measured
 phases and its prediction for the async modes is printed beside what they measured; then it is
@@ -47,6 +48,9 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.step_time_model import CLUSTER_7B, CLUSTER_7B_WORKERS, PhaseTimes, speedup, step_time  # noqa: E402
 
 MODES = (0, 1, 2)
+# Steps run after the timed ones and left out, in every mode: in the last k steps of a run the pool
+# has nothing left to sample (it sampled them ahead), which is the pipeline draining, not its pace.
+DRAIN = max(MODES)
 PINNED = (
     "rollout.cpu_cores=[0]",
     "rollout.threads_per_worker=1",
@@ -61,7 +65,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = bench_config(
         spec["model"],
-        steps=spec["warmup"] + spec["steps"],
+        steps=spec["warmup"] + spec["steps"] + DRAIN,
         run_root=spec["tmp_dir"],
         name=f"async{spec['staleness']}",
         workers=1,
@@ -71,7 +75,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with local_ray():
         run(cfg, echo=lambda *a: print(*a, flush=True))
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    timed = [r for r in rows if "train/loss" in r and r["step"] > spec["warmup"]]
+    last = spec["warmup"] + spec["steps"]
+    timed = [r for r in rows if "train/loss" in r and spec["warmup"] < r["step"] <= last]
     keys = ("time/step", "time/generate", "time/reward", "time/train", "time/sync", "time/learner_wait")
     per_step = [{k: float(r[k]) for k in (*keys, "time/rollout_idle", "async/staleness_mean")} for r in timed]
     tokens = sum(float(r["rollout/completion_len_mean"]) * WORKLOAD.sequences for r in timed)

@@ -1,8 +1,8 @@
 """End-to-end GRPO throughput: grpo-ray's own driver loop vs TRL's GRPOTrainer on the same workload.
 
 grpo-ray runs exactly as `grpo-ray train` does (`cluster.driver.run` on configs/demo.yaml turned
-into the workload); the benchmark only wraps the driver's `_train_step`, `_sync` and `_start` to time
-each step and to read the sync payload's size once, before the first step. TRL runs in
+into the workload); the benchmark only wraps the driver's `sync` to read the sync payload's size
+once, before the first step, and reads each step's wall time (`time/step`) from metrics.jsonl. TRL runs in
 benchmarks/trl_baseline.py. Each repeat runs both, in alternating order, each in a fresh process.
 
 Throughput = completion tokens of the timed steps / wall time from the first timed step's start to

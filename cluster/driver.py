@@ -313,10 +313,10 @@ def _check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
     a guess. Otherwise (split, whose GPUs are on other nodes): the config's gpu_memory_gib; unset, the
     run is not checked.
     """
-    import torch
-
-    local_gpu = cfg.placement == "colocate" and torch.cuda.is_available()
+    local_gpu = cfg.placement == "colocate" and _local_cuda()
     if local_gpu:
+        import torch
+
         device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     elif cfg.gpu_memory_gib is not None:
         device_gib = cfg.gpu_memory_gib
@@ -334,6 +334,13 @@ def _check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
         raise ConfigError(plan.refusal())
     if local_gpu:
         cfg.rollout.gpu_memory_utilization = plan.gpu_memory_utilization
+
+
+def _local_cuda() -> bool:
+    # Only colocate asks: importing torch costs the driver ~2 CPU s before the first step otherwise.
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _model_path(cfg: RunConfig) -> str:

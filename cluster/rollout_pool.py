@@ -80,7 +80,6 @@ class RolloutPool:
         self.chunks_by_slot: Counter[int] = Counter()  # chunks each slot generated (scheduling tests)
         self.last_acks: dict[int, SyncAck] = {}  # slot -> the newest ack it sent
         self.packed_modules: dict[str, list[str]] = {}  # the engine's fusion map, for a new learner
-        self._workers_at_start = len(workers)
         self.queue = WorkQueue()
         self._in_flight: dict[Any, tuple[int, Any, Chunk]] = {}  # generate ref -> (slot, actor, chunk)
         # load ref -> (slot, actor, version, (checksum, merged checksum or None))
@@ -118,7 +117,7 @@ class RolloutPool:
         workers = max(1, len(self.active))
         values = {
             "time/rollout_idle": self._idle_s / workers,
-            "pool/workers": float(self._workers_at_start),
+            "pool/workers": float(len(self.active)),  # active at the end of the step
             "pool/joining": float(len(self.joining)),
             "pool/restarts": float(self.events["restarts"]),
             "pool/requeued_prompts": float(self.events["requeued_prompts"]),
@@ -145,7 +144,6 @@ class RolloutPool:
         or None for greedy decoding. Raises RolloutPoolError when no worker is left.
         """
         self.admit(block=not self.active)
-        self._workers_at_start = len(self.active)
         key = self.submit(prompts, group_size, seeds, greedy)
         while not self.queue.complete(key):
             self.dispatch()

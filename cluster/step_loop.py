@@ -143,8 +143,8 @@ class StepLoop:
         self._finish_in_order()
         if self.state.step >= self.cfg.steps:
             return
-        also = list(self.training[1].refs) if self.training is not None else []
-        if self.training is not None and self._update_done():
+        also = self._update_running()  # the learner ranks still training (empty: none, or all done)
+        if self.training is not None and not also:
             self._end_update()
             return
         if started:
@@ -233,13 +233,15 @@ class StepLoop:
         item.resample = self.pool.submit(prompts, self.cfg.group_size, seeds, front=True)
         return True
 
-    def _update_done(self) -> bool:
+    def _update_running(self) -> list[Any]:
+        """The refs of the learner ranks still in the update (waiting on a finished one would spin)."""
         import ray
 
-        assert self.training is not None
+        if self.training is None:
+            return []
         refs = self.training[1].refs
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return len(done) == len(refs)
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return list(running)
 
     def _end_update(self) -> None:
         """The update is done: export and send the new policy, queue what it unlocks, note the step."""

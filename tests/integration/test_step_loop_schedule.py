@@ -20,6 +20,7 @@ import pytest
 from cluster.checkpoint import TrainerState
 from cluster.config import RunConfig, load_config
 from cluster.data.prompts import Prompt, PromptSet
+from cluster.policy_sync import full_sync
 from cluster.recovery import PoolSizeRequests
 from cluster.rollout_pool import RolloutPool
 from cluster.step_loop import StepLoop
@@ -41,8 +42,8 @@ GROUP = 2
 class StandInWorker:
     """Completions whose text is the policy version that sampled them; logs (start, end, version, greedy)."""
 
-    def __init__(self, index: int, delay: float) -> None:
-        self.index, self.delay, self.version = index, delay, -1
+    def __init__(self, index: int, delay: float, die_on_call: int | None = None) -> None:
+        self.index, self.delay, self.version, self.die_on_call = index, delay, -1, die_on_call
         self.calls: list[tuple[float, float, int, bool]] = []
 
     def info(self) -> dict[str, Any]:
@@ -51,6 +52,8 @@ class StandInWorker:
     def generate(
         self, prompts: list[tuple[int, list[int]]], group_size: int, seeds: list[int] | None, greedy: bool
     ) -> list[Group]:
+        if len(self.calls) + 1 == self.die_on_call:
+            os._exit(1)  # as abrupt as SIGKILL
         start = time.time()
         time.sleep(self.delay * len(prompts))
         self.calls.append((start, time.time(), self.version, greedy))
@@ -122,6 +125,32 @@ class StandInLearnerGroup:
         }
 
 
+class StandInSlots:
+    """cluster.placement.WorkerSlots over stand-in workers; slot 0's first actor dies on `die_on_call`."""
+
+    def __init__(self, delay: float, die_on_call: int) -> None:
+        import ray
+
+        self.actor_class = ray.remote(num_cpus=0)(StandInWorker)
+        self.delay, self.die_on_call, self.started = delay, die_on_call, 0
+
+    def start(self, slot: int) -> Any:
+        self.started += 1
+        die = self.die_on_call if (slot, self.started) == (0, 1) else None
+        return self.actor_class.remote(slot, self.delay, die)
+
+    def release(self, slot: int, actor: Any) -> None:
+        import ray
+
+        ray.kill(actor)
+
+    def node(self, slot: int) -> str:
+        return "node"
+
+    def stop(self) -> None:
+        pass
+
+
 @dataclass
 class StandInScorer:
     calls: list[list[str]] = field(default_factory=list)
@@ -168,6 +197,7 @@ def _session(
     workers: int = 2,
     gen_s: float = 0.005,
     train_s: float = 0.1,
+    slots: StandInSlots | None = None,
     **learner: Any,
 ) -> Session:
     import ray
@@ -185,14 +215,21 @@ def _session(
         ],
     )
     cfg.run_dir.mkdir(parents=True)
-    actor = ray.remote(num_cpus=0)(StandInWorker)
-    handles = [actor.remote(i, gen_s) for i in range(workers)]
-    pool = RolloutPool(handles, ["node"] * workers, None, prompts_per_chunk=2, echo=lambda *_: None)
+    if slots is None:
+        actor = ray.remote(num_cpus=0)(StandInWorker)
+        handles = [actor.remote(i, gen_s) for i in range(workers)]
+    else:
+        handles = [slots.start(i) for i in range(workers)]
+    pool = RolloutPool(
+        handles, ["node"] * workers, slots, prompts_per_chunk=2, max_restarts=2, echo=lambda *_: None
+    )
     pool.sync(ray.put((0, "xxh")), 0, "xxh")
     held_out = [Prompt(index=9000 + i, token_ids=[i], row={"gold": "1"}) for i in range(4)]
+    learner_group = StandInLearnerGroup(train_s, **learner)
+    pool.full_sync = full_sync(cfg, learner_group, pool)  # type: ignore[arg-type]
     return Session(
         cfg,
-        StandInLearnerGroup(train_s, **learner),
+        learner_group,
         pool,
         StandInScorer(),
         Sink(),
@@ -312,3 +349,21 @@ def test_a_dead_learner_empties_the_pipeline_before_the_error_surfaces(
         _run(session)
     assert not session.pool.busy and session.pool.queue.waiting == 0
     assert max(step for step, _ in session.sink.logged) <= 2
+
+
+def test_a_worker_killed_while_sampling_ahead_is_restarted_and_no_group_is_lost(
+    tmp_path: Path, ray_session: list[str]
+) -> None:
+    slots = StandInSlots(delay=0.005, die_on_call=3)
+    session = _session(tmp_path, "steps=6", "max_staleness=1", train_s=0.1, slots=slots)
+    _run(session)
+    steps = _steps(session)
+    assert sorted(steps) == list(range(1, 7))
+    assert sum(s["pool/restarts"] for s in steps.values()) == 1
+    assert sum(s["pool/requeued_prompts"] for s in steps.values()) == 2  # its chunk, resampled once
+    _, updates = _logs(session)
+    for step, (_, _, versions) in enumerate(updates, start=1):
+        assert len(versions) == PROMPTS_PER_STEP and all(step - 1 - v <= 1 for v in versions), (
+            step,
+            versions,
+        )
