@@ -55,30 +55,50 @@ def grpo_ray_child(spec: dict[str, Any]) -> dict[str, Any]:
     from cluster import driver
     from cluster.config import load_config
     from cluster.data.evaluate import EvalRound
+    from cluster.step_loop import StepLoop
 
     cfg = load_config(DEMO_CONFIG, _grpo_overrides(spec))
     curve: list[dict[str, float]] = []
-    finish = EvalRound.finish
+    added = 0.0  # seconds of the evaluations the benchmark adds (eval_every), left out of the time axis
+    done_at: dict[int, float] = {}  # step -> when its added evaluation was in, on the time axis
+    queue_round, finish = StepLoop._eval_round, EvalRound.finish
 
-    # Every evaluation (step 0's and the ones eval_every adds run on the workers while the learner
-    # trains; the final one after the last step) is timed when its verdicts are in. The ones the
-    # benchmark adds are not taken off the time axis: they overlap training and slow it only by
-    # the CPU they take, which is counted against grpo-ray.
+    # The run's own evaluations (step 0's, which runs on the workers while the learner trains step
+    # 1, and the final one) stay as `grpo-ray train` runs them. The ones eval_every adds are made
+    # blocking here, on an idle pipeline, and their time is taken off the axis, as on TRL's side.
+    def blocking_round(self: StepLoop, step: int) -> Any:
+        nonlocal added
+        if step == 0:
+            return queue_round(self, step)
+        while self.pool.busy or self.pool.queue.waiting:  # the run's own work first, not timed
+            self.pool.dispatch()
+            self.pool.wait()
+        begin = time.time()
+        round_ = queue_round(self, step)
+        while round_ is not None and not round_.complete():
+            self.pool.dispatch()
+            self.pool.wait()
+        added += time.time() - begin
+        done_at[step] = time.time() - origin - added
+        return round_
+
     def timed_finish(self: EvalRound, scorer: Any, out_dir: Path, tag: str) -> dict[str, float]:
         values = finish(self, scorer, out_dir, tag)
         step = int(tag.removeprefix("step_"))
-        curve.append({"step": step, "t_s": time.time() - origin, "accuracy": values["eval/accuracy"]})
+        at = done_at.get(step, time.time() - origin - added)
+        curve.append({"step": step, "t_s": at, "accuracy": values["eval/accuracy"]})
         return values
 
+    StepLoop._eval_round = blocking_round  # type: ignore[method-assign]
     EvalRound.finish = timed_finish  # type: ignore[method-assign]
     driver.run(cfg, echo=print)
     end = time.time()
     startup = json.loads((cfg.run_dir / "startup.json").read_text())
     return {
         "curve": curve,
-        "total_s": end - origin,
+        "total_s": end - origin - added,
         "first_step_s": startup["marks_s"]["first step"],
-        "added_eval_s": 0.0,  # nothing taken off: the added evaluations overlap training
+        "added_eval_s": added,
         "startup": startup,
     }
 
