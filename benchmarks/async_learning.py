@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import DEFAULT_OUT, Settings, child_main, machine_info, rotated, run_child  # noqa: E402
+from benchmarks.common import DEFAULT_OUT, child_main, demo_settings, machine_info, rotated, run_child  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "sync, lr 2e-3 (the demo)": ["max_staleness=0"],
@@ -64,20 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    settings = Settings(
-        quick=False,
-        repeats=len(args.seeds),
-        warmup_steps=0,
-        timed_steps=args.steps,
-        out_dir=args.out,
-        log_dir=args.out / "logs",
-        model=ROOT / "assets" / "tiny-qwen2",
-        big_model=ROOT / "assets" / "tiny-qwen2",
-        trl=False,
-        big=False,
-        child_timeout_s=900,
-        cores=os.cpu_count() or 1,
-    )
+    settings = demo_settings(args.out, len(args.seeds), args.steps)
     runs: dict[str, dict[int, Any]] = {v: {} for v in VARIANTS}
     for r, seed in enumerate(args.seeds):
         for variant in rotated(list(VARIANTS), r):

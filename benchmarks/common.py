@@ -82,6 +82,25 @@ class Settings:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+def demo_settings(out_dir: Path, repeats: int, steps: int, child_timeout_s: float = 900) -> Settings:
+    """Settings for a benchmark of configs/demo.yaml itself (the shipped tiny model, no TRL side)."""
+    tiny = ROOT / "assets" / "tiny-qwen2"
+    return Settings(
+        quick=False,
+        repeats=repeats,
+        warmup_steps=0,
+        timed_steps=steps,
+        out_dir=out_dir,
+        log_dir=out_dir / "logs",
+        model=tiny,
+        big_model=tiny,
+        trl=False,
+        big=False,
+        child_timeout_s=child_timeout_s,
+        cores=os.cpu_count() or 1,
+    )
+
+
 class ChildFailed(RuntimeError):
     """A measurement's child process exited with an error; the message ends with its log's last lines."""
 

@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT,
-    Settings,
     child_main,
+    demo_settings,
     fmt_range,
     machine_info,
     rotated,
@@ -130,20 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    settings = Settings(
-        quick=False,
-        repeats=args.repeats,
-        warmup_steps=0,
-        timed_steps=args.steps,
-        out_dir=args.out,
-        log_dir=args.out / "logs",
-        model=ROOT / "assets" / "tiny-qwen2",
-        big_model=ROOT / "assets" / "tiny-qwen2",
-        trl=False,
-        big=False,
-        child_timeout_s=900,
-        cores=os.cpu_count() or 1,
-    )
+    settings = demo_settings(args.out, args.repeats, args.steps)
     machine = machine_info()
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):

@@ -188,12 +188,6 @@ class RunConfig(Strict):
         "trains, and a step trains only on groups at most this many policy versions old (0: "
         "synchronous, each step sampled by the newest policy).",
     )
-    stale_groups: Literal["pause", "drop"] = Field(
-        "pause",
-        description="max_staleness > 0: 'pause' holds generation back while it is max_staleness steps "
-        "ahead (nothing too old is ever sampled); 'drop' samples one step further ahead and drops "
-        "(counts and resamples) the groups that are too old when their step trains.",
-    )
     eval_every: int = Field(
         0, ge=0, le=MAX_COUNT, description="Evaluate every N steps (0: only before and after training)."
     )

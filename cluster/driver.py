@@ -67,6 +67,8 @@ class _Session:
     clock: StartupClock | None = None  # start-up breakdown: the first step's time goes into it
     progress: Any = None  # the progress bar's update(step, values)
     config_yaml: str = ""  # the resolved config, written into every checkpoint
+    step0_done: bool = False  # step 0's evaluation is logged (the step loop sets it)
+    accuracy_before: float | None = None  # its held-out accuracy
 
 
 def run(cfg: RunConfig, echo: Any = print) -> RunResult:
@@ -187,7 +189,8 @@ def _train_steps(
     session: _Session, train: PromptSet, state: TrainerState, version: int
 ) -> tuple[TrainerState, int]:
     session.progress = _progress(session.cfg, first_step=state.step)
-    eval_first = state.step == 0 and state.accuracy_before is None  # step 0's evaluation (a fresh run)
+    # Step 0's evaluation: in a fresh run, once (not again after a learner restart from step 0).
+    eval_first = state.step == 0 and not session.step0_done
     return StepLoop(session, train, state, version).run(eval_first=eval_first)
 
 
@@ -218,7 +221,8 @@ def _restart_learner(
     session.learner = learner
     session.pool.full_sync = full_sync(cfg, learner, session.pool)
     if loaded is None:
-        state = TrainerState(step=0, version=0, cursor=0, accuracy_before=first.accuracy_before)
+        before = first.accuracy_before if first.accuracy_before is not None else session.accuracy_before
+        state = TrainerState(step=0, version=0, cursor=0, accuracy_before=before)
         forget_metrics_after(run_dir, 0)
     else:
         checkpoint, state, learner_state, saved = loaded

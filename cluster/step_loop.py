@@ -7,8 +7,9 @@ was sent to every worker; a worker runs its calls in the order they were sent, s
 step s runs under that policy or a newer one, and when step s trains (the learner at the policy of
 step s - 1) none of its groups is more than k versions old. k = 0 is the synchronous loop: step s
 is queued after step s - 1's sync, so it is sampled by exactly the newest policy.
-`stale_groups: drop` queues one step further ahead; the groups that turn out older than k when their
-step trains are dropped, counted, and their prompts resampled (same seeds) by the newest policy.
+Should a group still be older than k when its step trains (nothing in this loop produces one; a
+safety net for what it does not foresee), it is dropped, counted in `async/dropped_stale`, and its
+prompt resampled with the same seed by the newest policy before the step trains.
 
 Everything else a step does happens as soon as it can: a step's groups are scored when its last
 chunk arrives (while the learner trains an earlier step), the next update starts as soon as its
@@ -57,7 +58,7 @@ class _Step:
     scored: Any = None  # rewards.ScoredBatch of `groups`
     generate_s: float = 0.0
     reward_s: float = 0.0
-    dropped: int = 0  # groups dropped as too old (stale_groups: drop)
+    dropped: int = 0  # groups dropped as older than max_staleness (and resampled)
     resample: int | None = None  # pool request resampling the dropped prompts
 
 
@@ -87,9 +88,6 @@ class StepLoop:
         self.session, self.cfg, self.pool = session, session.cfg, session.pool
         self.stream = PromptStream(train.prompts, seed=self.cfg.seed, cursor=state.cursor)
         self.state, self.version = state, version
-        self.ahead = self.cfg.max_staleness + (
-            1 if self.cfg.max_staleness and self.cfg.stale_groups == "drop" else 0
-        )
         self.next_queued = state.step + 1  # the next step whose prompts enter the queue
         self.trained = state.step  # the newest step the learner has trained
         self.steps: dict[int, _Step] = {}
@@ -159,7 +157,7 @@ class StepLoop:
     def _queue_steps(self) -> None:
         """Queue every step the staleness bound allows now (see the module docstring)."""
         cfg = self.cfg
-        while self.next_queued <= min(cfg.steps, self.trained + 1 + self.ahead):
+        while self.next_queued <= min(cfg.steps, self.trained + 1 + cfg.max_staleness):
             step = self.next_queued
             prompts = self.stream.take(cfg.prompts_per_step)
             seeds = prompt_seeds(cfg.seed, step, cfg.prompts_per_step, cfg.group_size)
@@ -219,8 +217,8 @@ class StepLoop:
         return True
 
     def _drop_stale(self, item: _Step) -> bool:
-        """stale_groups: drop. Groups older than max_staleness leave the batch and their prompts are
-        resampled at the front of the queue; True while that resampling is outstanding."""
+        """Groups older than max_staleness leave the batch and their prompts are resampled at the
+        front of the queue; True while that resampling is outstanding (never, as the loop queues)."""
         assert item.groups is not None
         oldest = self.version - self.cfg.max_staleness
         stale = [g.prompt_index for g in item.groups if g.policy_version < oldest]
@@ -333,12 +331,20 @@ class StepLoop:
                 values.update(
                     head.evaluation.finish(session.scorer, run_dir / "eval", f"step_{head.step:04d}")
                 )
+                ran_on = values.get("eval/policy_version", head.version)
+                if ran_on != head.version:  # every worker that held it died before it was handed out
+                    session.echo(
+                        f"WARNING: step {head.step}'s evaluation ran on policy v{ran_on:.0f}, not "
+                        f"v{head.version}: no rollout worker held that version any more (they were restarted)"
+                    )
             if head.state is None:  # step 0: the policy before training
                 if values:
                     session.sink.log(0, values)
                 self.state = TrainerState(
                     self.state.step, self.state.version, self.state.cursor, values.get("eval/accuracy")
                 )
+                session.step0_done = True  # a learner restarted later must not evaluate step 0 again
+                session.accuracy_before = self.state.accuracy_before
                 for later in self.finishing:  # steps trained meanwhile carry the accuracy before
                     if later.state is not None:
                         later.state = TrainerState(

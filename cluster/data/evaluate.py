@@ -76,17 +76,22 @@ class EvalRound:
         """Judge the completed round and write out_dir/eval_<tag>.jsonl.
 
         `scorer` must carry the correctness term (`RunConfig.scored_rewards()`). Returns
-        `eval/accuracy` (greedy pass@1, fraction in [0, 1]), `eval/questions` and, with samples =
+        `eval/accuracy` (greedy pass@1, fraction in [0, 1]), `eval/questions`, `eval/policy_version`
+        (the oldest policy version that sampled an answer) and, with samples =
         k > 0, `eval/mean@k` and `eval/pass@k`. A masked verdict (the function raised, timed out,
         returned None) counts as wrong; RewardFailure if it masks more than
         rewards.max_masked_fraction.
         """
         prompts, samples = self.prompts, self.samples
         rows = {p.index: p.row for p in prompts}
-        greedy = _judge(self.pool.results(self.greedy), rows, scorer)
+        greedy_groups = self.pool.results(self.greedy)
+        greedy = _judge(greedy_groups, rows, scorer)
         sampled: dict[int, list[tuple[str, bool]]] = {}
+        versions = [g.policy_version for g in greedy_groups]
         if self.sampled is not None:
-            sampled = _judge(self.pool.results(self.sampled), rows, scorer)
+            sampled_groups = self.pool.results(self.sampled)
+            sampled = _judge(sampled_groups, rows, scorer)
+            versions += [g.policy_version for g in sampled_groups]
 
         out_dir.mkdir(parents=True, exist_ok=True)
         with (out_dir / f"eval_{tag}.jsonl").open("w") as file:
@@ -105,6 +110,7 @@ class EvalRound:
         values = {
             "eval/accuracy": _mean([greedy[p.index][0][1] for p in prompts]),
             "eval/questions": float(len(prompts)),
+            "eval/policy_version": float(min(versions, default=-1)),  # the oldest policy that answered
         }
         if samples:
             values[f"eval/mean@{samples}"] = _mean([ok for p in prompts for _, ok in sampled[p.index]])

@@ -44,15 +44,9 @@ def _rollout_mode(cfg: RunConfig) -> str:
     k = cfg.max_staleness
     if k == 0:
         return "synchronous (each step sampled by the newest policy; max_staleness 0)"
-    ahead = k + (1 if cfg.stale_groups == "drop" else 0)
-    rule = (
-        "groups older than that are dropped and resampled"
-        if cfg.stale_groups == "drop"
-        else "generation pauses rather than sample older ones"
-    )
     return (
-        f"asynchronous: the pool samples up to {ahead} step(s) ahead while the learner trains; a step trains on "
-        f"groups at most {k} policy version(s) old ({rule}), truncated importance sampling corrects the rest"
+        f"asynchronous: the pool samples up to {k} step(s) ahead while the learner trains; a step trains on "
+        f"groups at most {k} policy version(s) old, truncated importance sampling corrects for their age"
     )
 
 

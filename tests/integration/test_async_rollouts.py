@@ -20,14 +20,12 @@ test_resume.py (slack for a last reduction split differently between threads).
 from __future__ import annotations
 
 import json
-import os
-import signal
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_fault_tolerance import _in_background, _named_actor, _pid, _wait_for
+from test_fault_tolerance import kill_learner_after_checkpoint, kill_learner_when
 
 from cluster.config import RunConfig, load_config
 from cluster.data.prompts import PromptStream
@@ -144,15 +142,7 @@ def test_resume_with_staleness_one_resamples_what_was_in_flight(
 ) -> None:
     cfg = _cfg(tmp_path, "async1kill", "max_staleness=1")
     lines: list[str] = []
-
-    def kill() -> None:
-        pid = _pid(_named_actor(cfg.name, ".learner"))
-        _wait_for(
-            lambda: (cfg.run_dir / "checkpoints" / "step_000002" / "state.json").exists(), "checkpoint 2"
-        )
-        os.kill(pid, signal.SIGKILL)
-
-    finish = _in_background(kill)
+    finish = kill_learner_after_checkpoint(cfg, 2)
     run(cfg, echo=lines.append)
     finish()
 
@@ -167,3 +157,30 @@ def test_resume_with_staleness_one_resamples_what_was_in_flight(
         assert steps[step]["async/staleness_max"] <= 1
     # step 3 was in flight at the checkpoint: resampled by the restored policy v2, not trained stale
     assert steps[3]["rollout/policy_version_min"] == 2 and steps[3]["async/staleness_max"] == 0
+
+
+def test_a_learner_lost_before_the_first_checkpoint_does_not_evaluate_step_0_twice(
+    tmp_path: Path, ray_session: list[str]
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "async1eval",
+        "max_staleness=1",
+        "checkpoint_every=0",
+        "data.eval_files=[assets/arith/test.jsonl]",
+        "data.eval_max_prompts=16",
+    )
+    lines: list[str] = []
+    finish = kill_learner_when(cfg, lambda: 1 in _logged_steps(cfg.run_dir), "step 1")
+    result = run(cfg, echo=lines.append)
+    finish()
+    assert any("restarting it from step 0" in line for line in lines), lines
+    assert _logged_steps(cfg.run_dir).count(0) == 1  # step 0's evaluation, once
+    assert sorted(_per_step(cfg.run_dir)) == list(range(1, STEPS + 1))
+    assert result.accuracy_before is not None
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text.splitlines() if line]

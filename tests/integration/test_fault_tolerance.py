@@ -118,6 +118,24 @@ def fixed_pool(tmp_path_factory: pytest.TempPathFactory, ray_session: list[str],
     return _per_step(cfg.run_dir)
 
 
+def kill_learner_after_checkpoint(cfg: RunConfig, step: int) -> Callable[[], None]:
+    """SIGKILL the run's learner process once checkpoint `step` is complete (in a thread); the
+    returned function joins that thread and re-raises what it raised."""
+    done = cfg.run_dir / "checkpoints" / f"step_{step:06d}" / "state.json"
+    return kill_learner_when(cfg, done.exists, f"checkpoint {step}")
+
+
+def kill_learner_when(cfg: RunConfig, condition: Callable[[], Any], what: str) -> Callable[[], None]:
+    """SIGKILL the run's learner process as soon as `condition()` holds (see above)."""
+
+    def kill() -> None:
+        pid = _pid(_named_actor(cfg.name, ".learner"))
+        _wait_for(condition, what)
+        os.kill(pid, signal.SIGKILL)
+
+    return _in_background(kill)
+
+
 def _same_rewards(steps: dict[int, dict], reference: dict[int, dict], which: list[int]) -> None:
     for step in which:
         assert steps[step]["reward/mean"] == reference[step]["reward/mean"], step
@@ -160,15 +178,7 @@ def test_sigkilled_learner_restarts_from_checkpoint_and_redoes_steps_exactly(
 ) -> None:
     cfg = _cfg(tmp_path, "killlearner", "steps=4")
     lines: list[str] = []
-
-    def kill() -> None:
-        pid = _pid(_named_actor(cfg.name, ".learner"))
-        _wait_for(
-            lambda: (cfg.run_dir / "checkpoints" / "step_000002" / "state.json").exists(), "checkpoint 2"
-        )
-        os.kill(pid, signal.SIGKILL)
-
-    finish = _in_background(kill)
+    finish = kill_learner_after_checkpoint(cfg, 2)
     result = run(cfg, echo=lines.append)
     finish()
 

@@ -42,8 +42,11 @@ GROUP = 2
 class StandInWorker:
     """Completions whose text is the policy version that sampled them; logs (start, end, version, greedy)."""
 
-    def __init__(self, index: int, delay: float, die_on_call: int | None = None) -> None:
+    def __init__(
+        self, index: int, delay: float, die_on_call: int | None = None, mislabel_on_call: int | None = None
+    ) -> None:
         self.index, self.delay, self.version, self.die_on_call = index, delay, -1, die_on_call
+        self.mislabel_on_call = mislabel_on_call
         self.calls: list[tuple[float, float, int, bool]] = []
 
     def info(self) -> dict[str, Any]:
@@ -57,12 +60,13 @@ class StandInWorker:
         start = time.time()
         time.sleep(self.delay * len(prompts))
         self.calls.append((start, time.time(), self.version, greedy))
+        version = -100 if len(self.calls) == self.mislabel_on_call else self.version
         return [
             Group(
                 prompt_index=row,
                 prompt_token_ids=ids,
                 completions=[Completion([1], [0.0], "stop", f"v{self.version}") for _ in range(group_size)],
-                policy_version=self.version,
+                policy_version=version,
                 worker=self.index,
             )
             for row, ids in prompts
@@ -126,18 +130,25 @@ class StandInLearnerGroup:
 
 
 class StandInSlots:
-    """cluster.placement.WorkerSlots over stand-in workers; slot 0's first actor dies on `die_on_call`."""
+    """cluster.placement.WorkerSlots over stand-in workers; slot 0's first actor dies on `die_on_call`
+    and mislabels the groups of `mislabel_on_call` as sampled by policy -100."""
 
-    def __init__(self, delay: float, die_on_call: int) -> None:
+    def __init__(self, delay: float, die_on_call: int | None, mislabel_on_call: int | None = None) -> None:
         import ray
 
         self.actor_class = ray.remote(num_cpus=0)(StandInWorker)
-        self.delay, self.die_on_call, self.started = delay, die_on_call, 0
+        self.delay, self.die_on_call, self.mislabel_on_call, self.started = (
+            delay,
+            die_on_call,
+            mislabel_on_call,
+            0,
+        )
 
     def start(self, slot: int) -> Any:
         self.started += 1
-        die = self.die_on_call if (slot, self.started) == (0, 1) else None
-        return self.actor_class.remote(slot, self.delay, die)
+        first = (slot, self.started) == (0, 1)
+        die, mislabel = (self.die_on_call, self.mislabel_on_call) if first else (None, None)
+        return self.actor_class.remote(slot, self.delay, die, mislabel)
 
     def release(self, slot: int, actor: Any) -> None:
         import ray
@@ -291,25 +302,28 @@ def test_staleness_k_runs_ahead_but_never_trains_older_groups(
         assert steps[step]["async/staleness_max"] == max(learner_version - v for v in versions)
     # generation is 30x faster than training here: the pool runs the full k steps ahead
     assert max(s["async/staleness_max"] for s in steps.values()) == k
-    assert all(s["async/dropped_stale"] == 0 for s in steps.values())  # pause: never produced
+    assert all(s["async/dropped_stale"] == 0 for s in steps.values())  # never produced
     late = [steps[s]["time/learner_wait"] for s in range(k + 2, 9)]
     assert max(late) < 0.1, late  # the learner never waits for data once the pipeline is full
 
 
-def test_drop_mode_resamples_too_old_groups_with_the_same_seeds(
+def test_a_group_older_than_the_bound_is_dropped_and_resampled(
     tmp_path: Path, ray_session: list[str]
 ) -> None:
-    session = _session(tmp_path, "steps=6", "max_staleness=1", "stale_groups=drop", train_s=0.15)
+    # The loop never samples one (see above); worker 0 mislabels its 3rd chunk as policy -100 to
+    # exercise the safety net: the two groups are dropped, counted and resampled with their seeds.
+    slots = StandInSlots(delay=0.005, die_on_call=None, mislabel_on_call=3)
+    session = _session(tmp_path, "steps=6", "max_staleness=1", train_s=0.1, slots=slots)
     _run(session)
     steps = _steps(session)
     assert sorted(steps) == list(range(1, 7))
+    assert sum(s["async/dropped_stale"] for s in steps.values()) == 2
     _, updates = _logs(session)
     for step, (_, _, versions) in enumerate(updates, start=1):
-        assert len(versions) == PROMPTS_PER_STEP  # every dropped prompt was resampled
-        assert all(step - 1 - v <= 1 for v in versions), (step, versions)
-    # step 3 was sampled at v0 (two steps ahead) while step 1 trained: too old at v2, dropped
-    assert steps[3]["async/dropped_stale"] > 0
-    assert sum(s["async/dropped_stale"] for s in steps.values()) > 0
+        assert len(versions) == PROMPTS_PER_STEP and all(step - 1 - v <= 1 for v in versions), (
+            step,
+            versions,
+        )
 
 
 def test_evaluation_runs_on_exactly_the_policy_it_was_queued_for(
