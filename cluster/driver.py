@@ -93,10 +93,17 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
             cfg, lambda: _load_inputs(cfg, model, echo), clock
         )
     run_dir = cfg.run_dir
-    checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_device_memory(cfg, model, echo)
-    (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
+    try:
+        checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_device_memory(cfg, model, echo)
+        (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
+    except BaseException:
+        if ray_started:  # refused before any actor: the Ray started for this run goes with it
+            import ray
+
+            ray.shutdown()
+        raise
 
     with ExitStack() as stack:
         stack.enter_context(quiet_console(run_dir / "console.log"))  # first in, last out

@@ -28,6 +28,9 @@ def test_split_with_a_known_gpu_size_is_refused_before_any_actor(
         driver.run(cfg, echo=printed.append)
     assert str(err.value).startswith("the run does not fit in 0.5 GiB:\n  the training phase needs")
     assert any("memory plan (split, device 0.50 GiB)" in line for line in printed)
+    import ray
+
+    assert not ray.is_initialized()  # the Ray this run started was shut down with the refusal
 
 
 def test_a_plan_that_fits_is_printed_and_an_unknown_size_is_not_checked() -> None:
