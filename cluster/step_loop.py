@@ -285,7 +285,6 @@ class StepLoop:
             "data/cursor": float(item.cursor),
             "rollout/groups": float(len(item.groups)),
             "policy_version": float(self.version),
-            "sync/workers_sent": float(len(self.pool.active)),
         }
         self.learner_free_since = self.last_step_done = now
         if session.clock is not None and item.step == self.first_step:
@@ -354,8 +353,12 @@ class StepLoop:
                             self.state.accuracy_before,
                         )
                 continue
-            loads = [self.pool.last_acks[s].seconds for s in self.pool.active if s in self.pool.last_acks]
-            values["sync/worker_load_s_max"] = max(loads, default=0.0)  # slowest worker's checksum + reload
+            acks = [self.pool.last_acks[s] for s in self.pool.active if s in self.pool.last_acks]
+            values["sync/worker_load_s_max"] = max(
+                (a.seconds for a in acks), default=0.0
+            )  # checksum + reload
+            # every active worker has acked this version (or a newer one) by now; a wrong ack raised
+            values["sync/workers_acked"] = float(sum(a.version >= head.version for a in acks))
             session.sink.log(head.step, values)
             session.progress(head.step, values)
             self.state = head.state
