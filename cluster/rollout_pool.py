@@ -85,8 +85,6 @@ class RolloutPool:
         # load ref -> (slot, actor, version, (checksum, merged checksum or None))
         self._loading: dict[Any, tuple[int, Any, int, tuple[str, str | None]]] = {}
         self.held: dict[int, int] = {}  # slot -> version of the newest load sent to it
-        self.sync_seconds: dict[int, float] = {}  # slot -> send-to-ack seconds of its newest load
-        self._sent_at: dict[int, float] = {}
         now = time.monotonic()
         self._idle_at: dict[int, float | None] = dict.fromkeys(self.active, now)  # None: busy
         self._idle_s = 0.0  # worker-seconds with no generate call in flight, since take_metrics()
@@ -179,11 +177,10 @@ class RolloutPool:
         """Drop a request: waiting chunks leave the queue, running ones' results are ignored."""
         self.queue.cancel(key)
 
-    def dispatch(self, may_run: Callable[[Chunk], bool] | None = None) -> None:
+    def dispatch(self) -> None:
         """Hand waiting chunks to active workers that have none in flight, oldest first.
 
         A chunk pinned to a policy version goes only to a worker whose newest load is that version.
-        `may_run`: which other chunks may start now (the step loop's staleness bound).
         A worker's calls run in the order they were sent, so a chunk handed out after a load runs
         under that load's policy, and one handed out before it under the previous one.
         """
@@ -197,10 +194,10 @@ class RolloutPool:
             held = self.held.get(slot)
 
             def eligible(chunk: Chunk, held: int | None = held) -> bool:
-                if chunk.policy_version is not None:
-                    # No worker holds it any more (all that did died): the newest policy runs it.
-                    return chunk.policy_version == held or chunk.policy_version not in held_now
-                return may_run is None or may_run(chunk)
+                # A pinned chunk no worker holds the version of any more (all that did died) runs
+                # on the newest policy.
+                pinned = chunk.policy_version
+                return pinned is None or pinned == held or pinned not in held_now
 
             chunk = self.queue.take(eligible)
             if chunk is None:
@@ -209,8 +206,8 @@ class RolloutPool:
             self._in_flight[chunk_call(actor, chunk)] = (slot, actor, chunk)
             self._busy(slot)
 
-    def wait(self, also: list[Any] | None = None, timeout: float | None = None) -> list[Any]:
-        """Block until a chunk, a load or one of `also` (object refs) finishes, or `timeout` s pass.
+    def wait(self, also: list[Any] | None = None) -> list[Any]:
+        """Block until a chunk, a load or one of `also` (object refs) finishes.
 
         Finished chunks go into their requests (a failed one is re-queued and its worker handled as
         lost); finished loads are checked (SyncError on a wrong ack). Returns the refs of `also`
@@ -225,7 +222,7 @@ class RolloutPool:
                 self.admit(block=True)
             return []
         refs = [*self._in_flight, *self._loading, *also]
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        done, _ = ray.wait(refs, num_returns=1)
         ready_also = []
         for ref in done:
             if ref in self._in_flight:
@@ -306,7 +303,6 @@ class RolloutPool:
             actor = self.active[slot]
             self._loading[actor.load.remote(update_ref)] = (slot, actor, version, (checksum, merged_checksum))
             self.held[slot] = version
-            self._sent_at[slot] = time.monotonic()
 
     def acked(self, version: int) -> bool:
         """Whether every active worker has acknowledged `version` (or a newer one)."""
@@ -326,7 +322,6 @@ class RolloutPool:
             return
         self._check_ack(slot, ack, version, checksum)
         check_merged(ack, version, merged_checksum)
-        self.sync_seconds[slot] = time.monotonic() - self._sent_at.get(slot, time.monotonic())
 
     def _check_ack(self, slot: int, ack: SyncAck, version: int, checksum: str) -> None:
         if ack.version != version or ack.checksum != checksum:

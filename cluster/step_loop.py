@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.checkpoint import TrainerState, save_checkpoint
@@ -56,6 +56,7 @@ class _Step:
     queued_at: float
     groups: list[Group] | None = None  # in prompt order, once sampled
     scored: Any = None  # rewards.ScoredBatch of `groups`
+    batch: Batch | None = None  # what the learner trains on, once scored
     generate_s: float = 0.0
     reward_s: float = 0.0
     dropped: int = 0  # groups dropped as older than max_staleness (and resampled)
@@ -72,7 +73,6 @@ class _Finishing:
     version: int
     learner_state: dict[str, Any] | None = None  # taken right after the update, when a checkpoint is due
     evaluation: EvalRound | None = None
-    trained_at: float = field(default_factory=time.perf_counter)
 
 
 class StepLoop:
@@ -201,9 +201,10 @@ class StepLoop:
             return False
         cfg = self.cfg
         assert item.groups is not None
-        rewards_P_G = _regroup(item.scored.rewards, cfg.group_size)
-        batch = Batch(
-            groups=item.groups, rewards_P_G=rewards_P_G, max_new_tokens=cfg.rollout.sampling.max_new_tokens
+        item.batch = Batch(
+            groups=item.groups,
+            rewards_P_G=_regroup(item.scored.rewards, cfg.group_size),
+            max_new_tokens=cfg.rollout.sampling.max_new_tokens,
         )
         if cfg.placement == "colocate":
             # One device: the engine finishes what it holds (a queued evaluation), then sleeps (no-op on CPU).
@@ -213,7 +214,7 @@ class StepLoop:
             self.pool.sleep()
         self.pool.step = item.step  # for the pool's log lines
         start = time.perf_counter()
-        self.training = (item, self.session.learner.start_train_step(batch), start)
+        self.training = (item, self.session.learner.start_train_step(item.batch), start)
         return True
 
     def _drop_stale(self, item: _Step) -> bool:
@@ -265,8 +266,9 @@ class StepLoop:
 
         assert item.groups is not None and item.scored is not None
         correct = item.scored.per_term[CORRECTNESS_LABEL]
-        rewards_P_G = _regroup(item.scored.rewards, cfg.group_size)
-        stats = rollout_stats(item.groups, rewards_P_G, _regroup([v == 1.0 for v in correct], cfg.group_size))
+        assert item.batch is not None
+        verdicts_P_G = _regroup([v == 1.0 for v in correct], cfg.group_size)
+        stats = rollout_stats(item.groups, item.batch.rewards_P_G, verdicts_P_G)
         now = time.perf_counter()
         values = {
             **stats,
