@@ -92,6 +92,11 @@ class DataConfig(Strict):
     eval_max_prompts: int | None = Field(
         None, ge=1, le=MAX_COUNT, description="Evaluate on at most this many held-out rows."
     )
+    token_cache: bool = Field(
+        True,
+        description="Reuse an earlier run's prompt token ids when the rendered prompts, tokenizer files "
+        "and library versions match (kept in $GRPO_RAY_CACHE_DIR, else ~/.cache/grpo-ray).",
+    )
 
     @field_validator("user_template")
     @classmethod

@@ -18,6 +18,7 @@ from cluster.checkpoint import (
     write_adapter,
 )
 from cluster.config import ConfigError, RunConfig, resolve_project_path
+from cluster.data.encoding import CachedEncoder, default_cache_dir
 from cluster.data.evaluate import evaluate
 from cluster.data.prompts import Prompt, PromptSet, load_split
 from cluster.handles import LearnerHandle
@@ -88,8 +89,8 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     model = _model_path(cfg)
     check_model_limits(cfg)
     check_run_root_writable(cfg)
-    with clock.span("tokenizer + data (Ray starts meanwhile)"):
-        (tokenizer, train, held_out), ray_started = while_ray_starts(
+    with clock.span("prompts + data (Ray starts meanwhile)"):
+        (encoder, train, held_out), ray_started = while_ray_starts(
             cfg, lambda: _load_inputs(cfg, model, echo), clock
         )
     run_dir = cfg.run_dir
@@ -107,7 +108,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
 
     with ExitStack() as stack:
         stack.enter_context(quiet_console(run_dir / "console.log"))  # first in, last out
-        session = _open_session(cfg, model, tokenizer, held_out, run_dir, stack, echo, clock, ray_started)
+        session = _open_session(cfg, model, encoder, held_out, run_dir, stack, echo, clock, ray_started)
         if learner_state is not None:
             session.learner.restore(learner_state, state.version)
             echo(f"resumed from {checkpoint} at step {state.step} (policy v{state.version})")
@@ -147,8 +148,8 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     from safetensors.torch import load_file
 
     model = _model_path(cfg)
-    tokenizer = _load_tokenizer(model)
-    _, held_out = _load_data(cfg, tokenizer, echo)
+    encoder = _prompt_encoder(cfg, model)
+    _, held_out = _load_data(cfg, encoder, echo)
     if not held_out:
         raise ConfigError(
             "no held-out prompts: set data.eval_files (or data.eval_split with data.hub_dataset) to evaluate on"
@@ -156,7 +157,7 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     out_dir = adapter_dir.parent / "eval"
     with ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
-        learner, pool = _start(cfg, model, tokenizer, stack, echo)
+        learner, pool = _start(cfg, model, encoder, stack, echo)
         learner.load_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")))
         sync(cfg, learner, pool, include_base=True)
         tag = f"adapter_{adapter_dir.parent.name}"
@@ -280,7 +281,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None
 def _open_session(
     cfg: RunConfig,
     model: str,
-    tokenizer: Any,
+    encoder: Any,
     held_out: list[Prompt],
     run_dir: Path,
     stack: ExitStack,
@@ -288,7 +289,7 @@ def _open_session(
     clock: StartupClock,
     ray_started: bool = False,
 ) -> _Session:
-    launched = launch(cfg, model, _pad_id(tokenizer), stack, echo, clock, ray_started)
+    launched = launch(cfg, model, encoder.pad_id, stack, echo, clock, ray_started)
     # The reward scorer's processes start while the actors load their models.
     with clock.span("reward scorer"):
         scorer = stack.enter_context(
@@ -308,7 +309,7 @@ def _open_session(
         held_out,
         echo,
         model,
-        _pad_id(tokenizer),
+        encoder.pad_id,
         stack,
         pool_size,
         clock,
@@ -359,26 +360,32 @@ def _model_path(cfg: RunConfig) -> str:
     return str(local) if local.exists() else cfg.model
 
 
-def _load_tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
+def _prompt_encoder(cfg: RunConfig, model: str) -> CachedEncoder:
+    """The prompts' encoder: the tokenizer loads only if the token cache misses (or is off)."""
 
-    return AutoTokenizer.from_pretrained(model)
+    def load_tokenizer() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+
+    return CachedEncoder(model, default_cache_dir() if cfg.data.token_cache else None, load_tokenizer)
 
 
-def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[Any, PromptSet, list[Prompt]]:
-    tokenizer = _load_tokenizer(model)
-    return (tokenizer, *_load_data(cfg, tokenizer, echo))
+def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[CachedEncoder, PromptSet, list[Prompt]]:
+    encoder = _prompt_encoder(cfg, model)
+    return (encoder, *_load_data(cfg, encoder, echo))
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:
-    train = load_split(cfg.data, "train", cfg.seed, tokenizer)
+def _load_data(cfg: RunConfig, encoder: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:
+    train = load_split(cfg.data, "train", cfg.seed, encoder)
     assert train is not None, "config validation guarantees a training source"
     echo(
         f"train prompts: {len(train.prompts)} from {train.source} "
         f"({train.dropped_too_long} longer than {cfg.data.max_prompt_tokens} tokens dropped, "
         f"{train.skipped_bad_rows} bad rows skipped)"
+        + (f"; token ids reused from {encoder.cache_dir}" if getattr(encoder, "hits", 0) else "")
     )
-    evaluation = load_split(cfg.data, "eval", cfg.seed, tokenizer)
+    evaluation = load_split(cfg.data, "eval", cfg.seed, encoder)
     if evaluation is None:
         return train, []
     held_out = sorted(evaluation.prompts, key=lambda p: p.index)[: cfg.data.eval_max_prompts]
@@ -391,22 +398,16 @@ def _load_data(cfg: RunConfig, tokenizer: Any, echo: Any) -> tuple[PromptSet, li
 def _start(
     cfg: RunConfig,
     model: str,
-    tokenizer: Any,
+    encoder: Any,
     stack: ExitStack,
     echo: Any,
     clock: StartupClock | None = None,
 ) -> tuple[LearnerHandle, RolloutPool]:
     """The learner and the rollout pool, ready (weight names checked); `grpo-ray eval` uses it."""
     clock = clock or StartupClock()
-    learner, pool = await_ready(
-        launch(cfg, model, _pad_id(tokenizer), stack, echo, clock), echo, clock, stack
-    )
+    learner, pool = await_ready(launch(cfg, model, encoder.pad_id, stack, echo, clock), echo, clock, stack)
     pool.full_sync = full_sync(cfg, learner, pool)
     return learner, pool
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def _dump_yaml(cfg: RunConfig) -> str:

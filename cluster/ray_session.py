@@ -51,7 +51,16 @@ def init_ray(configured_address: str | None, **kwargs: Any) -> str:
     enabled = ray_constants.ENABLE_RAY_CLUSTER  # read at import: ray may have been imported already
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address=address, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **kwargs)
+        ray.init(
+            address=address,
+            _node_ip_address=LOOPBACK,
+            dashboard_host=LOOPBACK,
+            # Ray would prestart one idle worker per CPU for the first driver; every actor of a run
+            # has its own runtime_env, so none could use them: they only take CPU from the actors'
+            # start (their imports) on a small machine.
+            _system_config={"prestart_worker_first_driver": False},
+            **kwargs,
+        )
     finally:  # only the processes started here are single-node; a later ray.init(address=...) is not
         ray_constants.ENABLE_RAY_CLUSTER = enabled
         if before is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,12 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 QWEN2_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "GRPO_RAY_CACHE_DIR" not in os.environ:
+    # One prompt-token cache for the session's runs, never the user's ~/.cache: the first run that
+    # loads a data set encodes it, later ones read it back, as a user's second run would.
+    _token_cache = tempfile.mkdtemp(prefix="grpo-ray-test-cache-")
+    os.environ["GRPO_RAY_CACHE_DIR"] = _token_cache
+    atexit.register(shutil.rmtree, _token_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, DataConfig
+from cluster.data.encoding import Messages, TokenizerEncoder, encode_messages
 from cluster.data.files import FileRows, read_files
 from grpo_ray.seeds import epoch_order_seed
 
@@ -79,7 +80,11 @@ def read_hub_rows(dataset: str, config: str | None, split: str) -> list[dict[str
 
 
 def load_split(cfg: DataConfig, which: str, seed: int, tokenizer: Any) -> PromptSet | None:
-    """The train or eval prompts from local files or the hub; None when no eval source is configured."""
+    """The train or eval prompts from local files or the hub; None when no eval source is configured.
+
+    `tokenizer`: the model's tokenizer, or an encoder with `encode_all` (`cluster.data.encoding`:
+    a CachedEncoder reuses an earlier run's ids). Raises ConfigError naming a bad row or file.
+    """
     if cfg.hub_dataset:
         split = cfg.train_split if which == "train" else cfg.eval_split
         if split is None:
@@ -110,10 +115,11 @@ def build_prompts(
 
     A bad row (missing field, empty or non-text question, answer that is not a string or number)
     raises ConfigError naming it (`where[i]`, else `source row i`), or is skipped and counted
-    (`skipped_lines`: lines the file reader already skipped, counted with them).
+    (`skipped_lines`: lines the file reader already skipped, counted with them). `tokenizer` as in
+    `load_split`.
     """
-    prompts: list[Prompt] = []
-    dropped, skipped = 0, skipped_lines
+    valid: list[tuple[int, Messages, dict[str, Any]]] = []
+    skipped = skipped_lines
     for index, row in enumerate(rows):
         try:
             # `datasets` fills a field some rows lack with None, so None counts as missing.
@@ -130,11 +136,15 @@ def build_prompts(
                 f"{named}: {missing} (fields present: {sorted(row)}); fix the row, point "
                 f"data.question_field / data.answer_field at the right fields, or set data.on_bad_row: skip"
             ) from None
-        token_ids = encode_messages(tokenizer, messages)
-        if len(token_ids) > cfg.max_prompt_tokens:
-            dropped += 1
-            continue
-        prompts.append(Prompt(index=index, token_ids=token_ids, row={**row, "gold": gold}))
+        valid.append((index, messages, {**row, "gold": gold}))
+    # Every row is checked before the first is encoded: a bad row fails before any tokenizer loads.
+    encoded = _encoder(tokenizer).encode_all([messages for _, messages, _ in valid])
+    prompts = [
+        Prompt(index=index, token_ids=ids, row=row)
+        for (index, _, row), ids in zip(valid, encoded, strict=True)
+        if len(ids) <= cfg.max_prompt_tokens
+    ]
+    dropped = len(valid) - len(prompts)
     if not prompts:
         raise ConfigError(
             f"no usable prompts in {source}: {dropped} longer than data.max_prompt_tokens="
@@ -205,27 +215,14 @@ def _chat_messages(name: str, items: list[Any]) -> list[dict[str, str]]:
     return messages
 
 
+def _encoder(tokenizer: Any) -> Any:
+    """A CachedEncoder / TokenizerEncoder as given, a bare tokenizer wrapped in one."""
+    return tokenizer if hasattr(tokenizer, "encode_all") else TokenizerEncoder(tokenizer)
+
+
 def encode_prompt(tokenizer: Any, cfg: DataConfig, question: Any) -> list[int]:
     """A question (string or chat messages) rendered and tokenized; see `render_messages`."""
     return encode_messages(tokenizer, render_messages(cfg, question))
-
-
-def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat template applied once; exactly one BOS when the tokenizer has one."""
-    if tokenizer.chat_template is None:
-        raise ConfigError(
-            "the model's tokenizer has no chat template; use an instruct model or add a chat_template "
-            "to its tokenizer_config.json"
-        )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]
-        if not ids or ids[0] != bos:
-            ids = [bos, *ids]
-    return ids
 
 
 class PromptStream:

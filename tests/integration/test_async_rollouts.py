@@ -69,12 +69,12 @@ def _per_step(run_dir: Path) -> dict[int, dict[str, Any]]:
 def _serial_reference(cfg: RunConfig) -> dict[int, dict[str, float]]:
     """The synchronous loop written out by hand over the same actors and scorer."""
     model = _model_path(cfg)
-    tokenizer, train, _ = _load_inputs(cfg, model, lambda *_: None)
+    encoder, train, _ = _load_inputs(cfg, model, lambda *_: None)
     stream = PromptStream(train.prompts, seed=cfg.seed)
     out: dict[int, dict[str, float]] = {}
     with ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer(cfg.scored_rewards()))
-        learner, pool = _start(cfg, model, tokenizer, stack, lambda *_: None)
+        learner, pool = _start(cfg, model, encoder, stack, lambda *_: None)
         sync(cfg, learner, pool, include_base=True)
         for step in range(1, cfg.steps + 1):
             prompts = stream.take(cfg.prompts_per_step)

@@ -72,3 +72,24 @@ def test_loads_in_4bit_with_lora(tiny_model: Path) -> None:
     assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_cached_prompt_ids_are_the_tokenizers_own(tiny_model: Path, tmp_path: Path) -> None:
+    """What the driver does on a second run (ids read back, no tokenizer) gives exactly what the
+    tokenizer gives (ints through JSON: byte identity holds), for both of the demo's splits."""
+    from transformers import AutoTokenizer
+
+    from cluster.data.encoding import CachedEncoder
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    never: list[str] = []
+    for which in ("train", "eval"):
+        fresh = load_split(cfg.data, which, 0, tokenizer)
+        load_split(cfg.data, which, 0, CachedEncoder(str(tiny_model), tmp_path, lambda: tokenizer))
+        reader = CachedEncoder(str(tiny_model), tmp_path, lambda: never.append("loaded"))
+        cached = load_split(cfg.data, which, 0, reader)
+        assert reader.hits == 1 and never == [] and cached == fresh
+        assert reader.pad_id == (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
