@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 # Upper bounds no real run reaches: they turn a typo (an extra zero, 2**63) into a config error
 # at load instead of an overflow or an allocation failure minutes later.
@@ -13,7 +15,18 @@ MAX_SECONDS = 7 * 24 * 3600.0  # one week: any longer time limit is no limit
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment, and
-    no float may be inf or NaN (`.inf` parses as YAML, but no setting means anything at infinity)."""
+    """Base for every config section: unknown keys are errors, values are checked on assignment, no
+    float may be inf or NaN (`.inf` parses as YAML, but no setting means anything at infinity), and
+    a boolean is not a number (pydantic would read `max_staleness: true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) | {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{str(value).lower()} is a boolean, but this setting is a number")
+        return value

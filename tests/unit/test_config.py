@@ -37,6 +37,16 @@ def test_wrong_type_names_the_key() -> None:
         load_config(DEMO, ["learner.lora.rank=big"])
 
 
+@pytest.mark.parametrize(
+    "override", ["max_staleness=true", "rollout.num_workers=true", "learner.loss.tis_cap=false"]
+)
+def test_a_boolean_is_not_a_number(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{key}'.*is a boolean, but this setting is a number"):
+        load_config(DEMO, [override])
+    assert load_config(DEMO, ["data.token_cache=false"]).data.token_cache is False  # a bool field still is
+
+
 def test_batch_arithmetic_is_checked_with_a_fix() -> None:
     # 16 x 8 = 128 sequences are not a multiple of 48; the largest divisor of 128 below 48 is 32
     with pytest.raises(ConfigError, match=r"128 is not a multiple of learner.micro_batch_size = 48.*e.g. 32"):
