@@ -8,6 +8,7 @@ data-parallel: each becomes a rank (`join_data_parallel`) and trains its `Shard`
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -168,7 +169,9 @@ class Learner:
         ]
         config = self.policy.peft_config["default"].to_dict()
         config["target_modules"] = sorted(config["target_modules"])
-        return tensors, {k: v for k, v in config.items() if _json_safe(v)}
+        # Through JSON and back: PEFT's str-enums (peft_type, task_type) become plain str, so the
+        # driver unpickling a checkpoint state never imports peft (and transformers: ~5 CPU s).
+        return tensors, json.loads(json.dumps({k: v for k, v in config.items() if _json_safe(v)}))
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -439,8 +442,6 @@ def _mismatch(rows: list[dict[str, Any]], old: dict[int, torch.Tensor]) -> dict[
 
 
 def _json_safe(value: Any) -> bool:
-    import json
-
     try:
         json.dumps(value)
     except TypeError:

@@ -270,3 +270,18 @@ def test_fresh_ranks_resume_a_one_rank_checkpoint(
             state = _step_like_one_rank(group, one, _batch(*BATCHES[step - 1]), f"resumed step {step}", state)
     finally:
         group.stop()
+
+
+def test_the_adapter_config_reaches_the_driver_as_plain_json(after_step_1: dict[str, Any]) -> None:
+    """Only built-in types: the driver unpickles checkpoint states and must not import peft for it
+    (PEFT's str-enums would pull in peft and transformers, ~5 CPU s, mid-run)."""
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, dict):
+            return all(type(k) is str and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return type(value) in (str, int, float, bool, type(None))
+
+    config = after_step_1["adapter_config"]
+    assert config["peft_type"] == "LORA" and plain(config), config
