@@ -5,7 +5,8 @@ run once per row, several CPU seconds on the driver while Ray and the actors sta
 cores. The ids depend only on the rendered messages, the tokenizer's files, the versions of the
 libraries that apply the template (transformers, tokenizers, jinja2) and this file's code, so all
 of these make up the cache key, and a run whose key matches reads the ids back (JSON of ints, no
-pickle) without loading the tokenizer. A cache that cannot be read or written is never an error:
+pickle) without loading the tokenizer. A template that reads the clock (`strftime_now`) is never
+cached. A cache that cannot be read or written is never an error:
 the run encodes as it would without one.
 """
 
@@ -127,22 +128,31 @@ class CachedEncoder:
         key = hashlib.sha256()
         key.update(json.dumps(_code_and_libraries(), sort_keys=True).encode())
         key.update(str(self._tokenizer_digest).encode())
-        key.update(json.dumps(messages, ensure_ascii=False).encode())
+        key.update(json.dumps(messages).encode())  # ASCII escapes: a lone surrogate hashes too
         return self._dir / f"{key.hexdigest()}.json"
 
 
-def default_cache_dir() -> Path:
-    """$GRPO_RAY_CACHE_DIR, else $XDG_CACHE_HOME/grpo-ray, else ~/.cache/grpo-ray; + /prompt-tokens."""
+def default_cache_dir() -> Path | None:
+    """$GRPO_RAY_CACHE_DIR, else $XDG_CACHE_HOME/grpo-ray, else ~/.cache/grpo-ray; + /prompt-tokens.
+    None (no cache) when none is set and the user has no home directory (a container's bare UID)."""
     root = os.environ.get("GRPO_RAY_CACHE_DIR")
     if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        if not xdg:
+            try:
+                xdg = str(Path.home() / ".cache")
+            except (RuntimeError, KeyError):
+                return None
         root = str(Path(xdg) / "grpo-ray")
     return Path(root).expanduser() / "prompt-tokens"
 
 
 def tokenizer_digest(model: str) -> str | None:
-    """sha256 over the names and bytes of the model directory's non-weight files (config, tokenizer
-    files, chat template); None when the model is a hub id whose files are not in the local HF cache.
+    """sha256 over the relative paths and bytes of the model directory's non-weight files, subfolders
+    included (config, tokenizer files, chat templates, `additional_chat_templates/`). None, so the
+    run encodes without the cache, when the model is a hub id whose files are not in the local HF
+    cache, or when a chat template reads the clock (`strftime_now`, as Llama 3's print today's
+    date): then the ids depend on when the run starts.
     """
     directory = Path(model)
     if not directory.is_dir():
@@ -151,10 +161,13 @@ def tokenizer_digest(model: str) -> str | None:
             return None
         directory = directory_or_none
     digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
+    for path in sorted(directory.rglob("*")):
         if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES):
-            digest.update(path.name.encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            content = path.read_bytes()
+            if b"strftime_now" in content:
+                return None
+            digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(content).digest())
     return digest.hexdigest()
 
 
@@ -184,14 +197,14 @@ def _code_and_libraries() -> dict[str, str]:
 def _read_entry(path: Path) -> dict[str, Any] | None:
     try:
         entry = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, unreadable or torn: encode again (and rewrite it)
+    except (OSError, ValueError, RecursionError):  # absent, unreadable, torn: encode again, rewrite
         return None
     if not isinstance(entry, dict):
         return None
     ids, pad_id = entry.get("ids"), entry.get("pad_id")
-    if not isinstance(ids, list) or not isinstance(pad_id, int):
+    if not isinstance(ids, list) or type(pad_id) is not int:  # a JSON true is a Python int too
         return None
-    if not all(isinstance(one, list) and all(isinstance(t, int) for t in one) for one in ids):
+    if not all(isinstance(one, list) and all(type(t) is int for t in one) for one in ids):
         return None
     return {"ids": ids, "pad_id": pad_id}
 

@@ -96,6 +96,9 @@ def test_what_the_ids_depend_on_is_in_the_key(tmp_path: Path, model_dir: Path, m
     (model_dir / "tokenizer.json").write_text('{"v": 2}')
     assert misses(cfg) == 1
     assert misses(cfg) == 0
+    (model_dir / "additional_chat_templates").mkdir()  # transformers reads these too
+    (model_dir / "additional_chat_templates" / "default.jinja").write_text("{{ messages }}")
+    assert misses(cfg) == 1
     real_version = encoding.metadata.version
     monkeypatch.setattr(
         encoding.metadata,
@@ -110,7 +113,15 @@ def test_a_torn_entry_is_encoded_again_and_rewritten(tmp_path: Path, model_dir: 
     cfg = _data(tmp_path, ["1+1?", "3+4?"])
     first, _ = _load(cfg, model_dir, cache, Loader())
     (entry,) = cache.iterdir()
-    for broken in ('{"pad_id": 2, "ids": [[1, 2], [3', '{"pad_id": 2, "ids": [["x"], [1]]}', "[]"):
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError, not ValueError
+    booleans = '{"pad_id": true, "ids": [[1, 2], [true]]}'  # JSON true is a Python int
+    for broken in (
+        '{"pad_id": 2, "ids": [[1, 2], [3',
+        '{"pad_id": 2, "ids": [["x"], [1]]}',
+        "[]",
+        deep,
+        booleans,
+    ):
         entry.write_text(broken)
         again, encoder = _load(cfg, model_dir, cache, Loader())
         assert encoder.misses == 1 and again == first
@@ -143,3 +154,21 @@ def test_the_default_directory_follows_the_environment(tmp_path: Path, monkeypat
     assert encoding.default_cache_dir() == tmp_path / "xdg" / "grpo-ray" / "prompt-tokens"
     monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path / "mine"))
     assert encoding.default_cache_dir() == tmp_path / "mine" / "prompt-tokens"
+
+
+def test_a_template_that_reads_the_clock_is_never_cached(tmp_path: Path, model_dir: Path) -> None:
+    # Llama 3's templates print today's date: yesterday's ids would be wrong today
+    (model_dir / "chat_template.jinja").write_text("{{ strftime_now('%d %b %Y') }}{{ messages }}")
+    encoder = CachedEncoder(str(model_dir), tmp_path / "cache", Loader())
+    assert encoder.cache_dir is None
+
+
+def test_no_home_directory_means_no_cache_not_an_error(monkeypatch: Any) -> None:
+    for name in ("GRPO_RAY_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(encoding.Path, "home", staticmethod(no_home))
+    assert encoding.default_cache_dir() is None
