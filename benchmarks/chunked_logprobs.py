@@ -143,12 +143,13 @@ def _learner(model: str, spec: dict[str, Any], extra: list[str]) -> tuple[Any, A
     import torch
     from transformers import AutoTokenizer
 
+    from cluster.data.encoding import pad_id_of
     from learner.learner import Learner
 
     torch.set_num_threads(spec["cores"])
     cfg = bench_config(model, steps=1, run_root=spec["tmp_dir"], cores=spec["cores"], extra=extra)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     temperature = cfg.rollout.sampling.temperature
     return cfg, Learner(model, cfg.learner, cfg.seed, temperature, cfg.rollout.dtype, pad_id)
 

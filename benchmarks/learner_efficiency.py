@@ -135,6 +135,7 @@ def efficiency_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
+    from cluster.data.encoding import pad_id_of
     from learner.learner import Learner
 
     torch.set_num_threads(spec["cores"])
@@ -143,7 +144,7 @@ def efficiency_child(spec: dict[str, Any]) -> dict[str, Any]:
         model, steps=1, run_root=spec["tmp_dir"], quantization=spec["quantization"], cores=spec["cores"]
     )
     tokenizer = AutoTokenizer.from_pretrained(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     temperature = cfg.rollout.sampling.temperature
     unshared = cfg.learner.model_copy(update={"share_prompt_forward": False})
     learners = {

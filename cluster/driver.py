@@ -281,7 +281,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path, echo: Any) -> tuple[Path | None
 def _open_session(
     cfg: RunConfig,
     model: str,
-    encoder: Any,
+    encoder: CachedEncoder,
     held_out: list[Prompt],
     run_dir: Path,
     stack: ExitStack,
@@ -376,14 +376,14 @@ def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[CachedEncoder, 
     return (encoder, *_load_data(cfg, encoder, echo))
 
 
-def _load_data(cfg: RunConfig, encoder: Any, echo: Any) -> tuple[PromptSet, list[Prompt]]:
+def _load_data(cfg: RunConfig, encoder: CachedEncoder, echo: Any) -> tuple[PromptSet, list[Prompt]]:
     train = load_split(cfg.data, "train", cfg.seed, encoder)
     assert train is not None, "config validation guarantees a training source"
     echo(
         f"train prompts: {len(train.prompts)} from {train.source} "
         f"({train.dropped_too_long} longer than {cfg.data.max_prompt_tokens} tokens dropped, "
         f"{train.skipped_bad_rows} bad rows skipped)"
-        + (f"; token ids reused from {encoder.cache_dir}" if getattr(encoder, "hits", 0) else "")
+        + (f"; token ids reused from {encoder.cache_dir}" if encoder.hits else "")
     )
     evaluation = load_split(cfg.data, "eval", cfg.seed, encoder)
     if evaluation is None:
@@ -398,7 +398,7 @@ def _load_data(cfg: RunConfig, encoder: Any, echo: Any) -> tuple[PromptSet, list
 def _start(
     cfg: RunConfig,
     model: str,
-    encoder: Any,
+    encoder: CachedEncoder,
     stack: ExitStack,
     echo: Any,
     clock: StartupClock | None = None,

@@ -82,14 +82,14 @@ class CachedEncoder:
     """
 
     def __init__(self, model: str, cache_dir: Path | None, load_tokenizer: Callable[[], Any]) -> None:
-        self.model = model
         self._load_tokenizer = load_tokenizer
         self._tokenizer: Any = None
         self._pad_id: int | None = None
         self.hits = self.misses = 0
         digest = tokenizer_digest(model) if cache_dir is not None else None
         self._dir = cache_dir if digest is not None else None
-        self._tokenizer_digest = digest
+        # What every entry's key shares: computed once, not per split.
+        self._key_prefix = json.dumps([_code_and_libraries(), digest], sort_keys=True).encode()
 
     @property
     def cache_dir(self) -> Path | None:
@@ -125,9 +125,7 @@ class CachedEncoder:
     def _entry(self, messages: list[Messages]) -> Path | None:
         if self._dir is None:
             return None
-        key = hashlib.sha256()
-        key.update(json.dumps(_code_and_libraries(), sort_keys=True).encode())
-        key.update(str(self._tokenizer_digest).encode())
+        key = hashlib.sha256(self._key_prefix)
         key.update(json.dumps(messages).encode())  # ASCII escapes: a lone surrogate hashes too
         return self._dir / f"{key.hexdigest()}.json"
 

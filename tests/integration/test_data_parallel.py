@@ -75,8 +75,9 @@ def _batch(seed: int, prompts: int, group_size: int, vocab: int = 128, max_new: 
 def _pad_id(tiny_model: Path) -> int:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    from cluster.data.encoding import pad_id_of
+
+    return pad_id_of(AutoTokenizer.from_pretrained(str(tiny_model)))
 
 
 @pytest.fixture(scope="module")
