@@ -187,9 +187,25 @@ def render_messages(cfg: DataConfig, question: Any) -> list[dict[str, str]]:
         )
     last = messages[-1]
     messages[-1] = {"role": "user", "content": cfg.user_template.format(question=last["content"])}
+    for message in messages:  # the row's own text (the config's strings are the user's to fix)
+        _check_unicode(cfg.question_field, message["content"])
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return messages
+
+
+def _check_unicode(name: str, text: str) -> None:
+    """ValueError for text no tokenizer can take: a lone UTF-16 surrogate (JSON allows `\\ud800`
+    unpaired, Python decodes it, but it is not a Unicode scalar value, and tokenizers raise a TypeError
+    that names nothing)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"'{name}' holds a lone surrogate {text[err.start]!r} at character {err.start} "
+            f"(near {text[max(0, err.start - 20) : err.start + 20]!r}), which is not valid Unicode text; "
+            "fix the escape sequence in the row"
+        ) from None
 
 
 def _chat_messages(name: str, items: list[Any]) -> list[dict[str, str]]:

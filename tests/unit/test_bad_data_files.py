@@ -193,3 +193,19 @@ def test_conversational_row_without_system_gets_the_system_prompt(tmp_path: Path
     plain = _write(tmp_path, "plain.jsonl", json.dumps({"prompt": "What is 10+20?", "answer": "30"}) + "\n")
     assert chat == _rendered(tokenizer, plain, system_prompt="Be brief.", user_template="Q: {question}")
     assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ: What is 10+20?")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_lone_surrogate_is_named_not_a_tokenizer_type_error(
+    tmp_path: Path, tokenizer: Any, chat: bool
+) -> None:
+    # JSON may escape half of a UTF-16 pair ("\ud800"); Python decodes it to a str no tokenizer takes
+    # (it raised "TypeError: TextEncodeInput must be Union[...]" from inside transformers).
+    question = '"\\ud800t is 1+1?"' if not chat else '[{"role": "user", "content": "\\ud800t is 1+1?"}]'
+    path = _write(tmp_path, "train.jsonl", GOOD + f'{{"question": {question}, "answer": "2"}}\n')
+    with pytest.raises(
+        ConfigError, match=r"train\.jsonl line 2: 'question' holds a lone surrogate '\\ud800'"
+    ):
+        load_split(_cfg(path), "train", 0, tokenizer)
+    prompts = load_split(_cfg(path, on_bad_row="skip"), "train", 0, tokenizer)
+    assert (len(prompts.prompts), prompts.skipped_bad_rows) == (1, 1)
