@@ -87,7 +87,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     clock.add("python + imports + config", clock.origin, time.time(), cpu=time.process_time())
     echo(derive_plan(cfg).render(cfg))
     model = _model_path(cfg)
-    check_model_limits(cfg)
+    check_model_limits(cfg, required=True)  # an unreachable hub id fails here, before Ray starts
     check_run_root_writable(cfg)
     with clock.span("prompts + data (Ray starts meanwhile)"):
         (encoder, train, held_out), ray_started = while_ray_starts(
@@ -148,6 +148,7 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     from safetensors.torch import load_file
 
     model = _model_path(cfg)
+    check_model_limits(cfg, required=True)
     encoder = _prompt_encoder(cfg, model)
     _, held_out = _load_data(cfg, encoder, echo)
     if not held_out:

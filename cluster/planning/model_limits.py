@@ -19,18 +19,26 @@ from cluster.planning.shapes import ModelShapeError, hub_config_path
 _STRETCHING_ROPE = {"linear", "dynamic", "yarn", "longrope", "su", "llama3"}
 
 
-def read_model_config(cfg: RunConfig) -> dict[str, Any] | None:
+def read_model_config(cfg: RunConfig, required: bool = False) -> dict[str, Any] | None:
     """The model's config.json as a dict (a multimodal wrapper's `text_config`), or None if unreadable.
 
     A local directory is read directly; a hub id through `huggingface_hub` (cache first, then the hub).
-    None means "cannot know here" (offline, gated): the engine will check at start.
+    None means "cannot know here" (offline, gated): `grpo-ray check` still prints its plan. With
+    `required` (a run, which loads the model) that is a ConfigError saying how to fetch the model.
     """
     local = resolve_project_path(cfg.model)
     path: Path | None = local / "config.json" if local.is_dir() else None
     if path is None:
         try:
             path = hub_config_path(cfg.model)
-        except ModelShapeError:  # offline and not cached, no such repo, gated: nothing to check against here
+        except ModelShapeError:  # offline and not cached, no such repo, gated
+            if required:  # else the tokenizer's load fails first, as a library traceback
+                raise ConfigError(
+                    f"model '{cfg.model}' is not a local directory, not in the Hugging Face cache, and "
+                    "the hub did not answer (offline, no such repo, or gated). Download it once where "
+                    f"the hub is reachable (huggingface-cli download {cfg.model}), or set model: to a "
+                    "local model directory"
+                ) from None
             return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -84,9 +92,12 @@ def model_limit_problems(cfg: RunConfig, model_config: dict[str, Any]) -> list[s
     return problems
 
 
-def check_model_limits(cfg: RunConfig) -> dict[str, Any] | None:
-    """Raise ConfigError listing every broken model limit; returns the config.json read (None: unknown)."""
-    model_config = read_model_config(cfg)
+def check_model_limits(cfg: RunConfig, required: bool = False) -> dict[str, Any] | None:
+    """Raise ConfigError listing every broken model limit; returns the config.json read (None: unknown).
+
+    `required`: a model whose config.json cannot be read is a ConfigError too (see read_model_config).
+    """
+    model_config = read_model_config(cfg, required)
     if model_config is None:
         return None
     problems = model_limit_problems(cfg, model_config)

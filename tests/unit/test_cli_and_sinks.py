@@ -65,3 +65,29 @@ def test_wandb_offline_writes_locally_with_the_config(tmp_path: Path) -> None:
     records = record_file.read_bytes()
     assert b'"micro_batch_size":64' in records and b"reward/mean" in records
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["reward/mean"] == 0.75
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_message_before_any_actor(tmp_path: Path) -> None:
+    # A fresh, empty Hugging Face cache and the hub switched off: the real huggingface_hub answers
+    # "not found locally". The run used to get that far as a 40-line transformers traceback from the
+    # tokenizer's load; now it stops before Ray with what to do.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = ["train", "demo", "model=nobody/not-downloaded", "steps=1", f"run_root={tmp_path / 'runs'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: model 'nobody/not-downloaded' is not a local directory, not in the Hugging Face cache"
+        )
+    )
+    assert "huggingface-cli download nobody/not-downloaded" in done.stderr
+    assert not (tmp_path / "runs" / "demo").exists()  # refused before the run directory was made
