@@ -7,7 +7,9 @@ libraries that apply the template (transformers, tokenizers, jinja2) and this fi
 of these make up the cache key, and a run whose key matches reads the ids back (JSON of ints, no
 pickle) without loading the tokenizer. A template that reads the clock (`strftime_now`) is never
 cached. A cache that cannot be read or written is never an error:
-the run encodes as it would without one.
+the run encodes as it would without one. Entries no run has read for `UNUSED_DAYS` are removed when
+a new entry is written (a hit refreshes its entry's modification time), so the directory stays the
+size of what is in use.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from typing import Any
 from cluster.config import ConfigError
 
 Messages = list[dict[str, str]]
+
+# An entry no run has read for this long is removed when the next entry is written: edited data
+# sets, other models and library upgrades each leave entries that no key will ask for again.
+UNUSED_DAYS = 30
 
 # Files in a model directory that cannot change what the tokenizer does (the weights): skipped
 # when the directory is hashed, so a 15 GB checkpoint is not read to find its tokenizer unchanged.
@@ -112,14 +118,17 @@ class CachedEncoder:
         """One id list per prompt, in order; ConfigError when the tokenizer has no chat template."""
         path = self._entry(messages)
         cached = _read_entry(path) if path is not None else None
-        if cached is not None and len(cached["ids"]) == len(messages):
+        if path is not None and cached is not None and len(cached["ids"]) == len(messages):
             self.hits += 1
+            with contextlib.suppress(OSError):  # in use: kept by the pruning below
+                os.utime(path)
             self._pad_id = cached["pad_id"]
             return cached["ids"]
         self.misses += 1
         ids = TokenizerEncoder(self.tokenizer).encode_all(messages)
         if path is not None:
             _write_entry(path, {"pad_id": self.pad_id, "ids": ids})
+            _remove_unused(path.parent)
         return ids
 
     def _entry(self, messages: list[Messages]) -> Path | None:
@@ -221,3 +230,16 @@ def _write_entry(path: Path, entry: dict[str, Any]) -> None:
             "re-tokenize each time. Set GRPO_RAY_CACHE_DIR to a writable directory or data.token_cache: false",
             stacklevel=2,
         )
+
+
+def _remove_unused(directory: Path, days: float = UNUSED_DAYS) -> None:
+    """Delete entries (and torn temporary files) not read or written for `days`; best effort."""
+    import time
+
+    cutoff = time.time() - days * 86400
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            if entry.suffix in (".json", ".tmp"):
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < cutoff:
+                        entry.unlink()

@@ -172,3 +172,27 @@ def test_no_home_directory_means_no_cache_not_an_error(monkeypatch: Any) -> None
 
     monkeypatch.setattr(encoding.Path, "home", staticmethod(no_home))
     assert encoding.default_cache_dir() is None
+
+
+def test_entries_no_run_reads_for_30_days_go_when_a_new_one_is_written(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    kept_cfg, new_cfg = _data(tmp_path / "a", ["1+1?"]), _data(tmp_path / "b", ["2+2?"])
+    _load(kept_cfg, model_dir, cache, Loader())
+    (kept,) = cache.iterdir()
+    stale = cache / ("0" * 64 + ".json")  # an entry of an edited data set: no key asks for it again
+    stale.write_text('{"pad_id": 2, "ids": [[5]]}')
+    month_ago = time.time() - (encoding.UNUSED_DAYS + 1) * 86400
+    for path in (kept, stale):
+        os.utime(path, (month_ago, month_ago))
+    _, encoder = _load(kept_cfg, model_dir, cache, Loader())  # a hit: the entry is in use again
+    assert encoder.hits == 1 and kept.stat().st_mtime > month_ago
+    _, encoder = _load(new_cfg, model_dir, cache, Loader())  # a miss writes, and prunes
+    assert encoder.misses == 1
+    assert kept.exists() and not stale.exists() and len(list(cache.iterdir())) == 2
