@@ -172,6 +172,7 @@ def hub_config_path(model: str) -> Path:
     except Exception:
         pass
     try:
+        _resolve_hub_host()
         return Path(hf_hub_download(model, "config.json"))
     except Exception as err:  # offline and not cached, no such repo, gated: all mean "no config here"
         raise ModelShapeError(
@@ -179,3 +180,24 @@ def hub_config_path(model: str) -> Path:
             f"not in the Hugging Face cache, and the hub did not answer (offline?). Pass a local model "
             f"directory, or fetch it once online: huggingface-cli download {model} config.json"
         ) from None
+
+
+def _resolve_hub_host() -> None:
+    """Raise OSError at once when the hub's host name does not resolve (no network, no DNS).
+
+    huggingface_hub retries a failed request 5 times with backoff (about 23 s measured here) even
+    when the name cannot be resolved, which only a network change can fix; other failures (timeouts,
+    HTTP errors) keep its retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # a huggingface_hub without its constants module: leave it to its download
+        return
+    if constants.HF_HUB_OFFLINE:
+        return  # hf_hub_download refuses at once itself
+    host = urlparse(constants.ENDPOINT).hostname
+    if host:
+        socket.getaddrinfo(host, 443)

@@ -315,3 +315,31 @@ def test_every_shipped_config_passes_its_own_check(path: Path, capsys: pytest.Ca
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "memory plan" in out and ": fits," in out and out.rstrip().endswith("config ok")
+
+
+def test_an_unresolvable_hub_host_fails_at_once_not_after_five_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real huggingface_hub, an empty cache, and an endpoint whose name can never resolve
+    # (RFC 2606 reserves .invalid): its download would retry 5 times with backoff (~23 s) on a name
+    # that cannot resolve. The spy counts the downloads that would go to the network.
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from cluster.planning import shapes
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    real, online = huggingface_hub.hf_hub_download, []
+
+    def spy(*args: object, **kwargs: object) -> str:
+        if not kwargs.get("local_files_only"):
+            online.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    with pytest.raises(ModelShapeError, match="not in the Hugging Face cache"):
+        shapes.hub_config_path("someone/unknown-model")
+    assert online == []
