@@ -251,7 +251,7 @@ def child_env(threads: int | None = None) -> dict[str, str]:
 def run_child(module: str, spec: dict[str, Any], settings: Settings, label: str) -> dict[str, Any]:
     """Run `python -m benchmarks.<module>` on `spec` in its own session; its JSON result.
 
-    Output goes to LOG_DIR/<label>.log. On timeout the child's whole process group (its Ray
+    `spec["env"]`, when given, is added to the child's environment. Output goes to LOG_DIR/<label>.log. On timeout the child's whole process group (its Ray
     processes included) is killed; either failure raises ChildFailed with the log's tail.
     """
     settings.log_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def run_child(module: str, spec: dict[str, Any], settings: Settings, label: str)
             proc = subprocess.Popen(
                 cmd,
                 cwd=ROOT,
-                env=child_env(spec.get("threads")),
+                env={**child_env(spec.get("threads")), **spec.get("env", {})},
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

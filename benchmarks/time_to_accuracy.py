@@ -15,6 +15,12 @@ level loss, lr 2e-3, the numeric_match reward. Held-out accuracy is greedy pass@
 held-out questions: grpo-ray's own evaluation (`eval_every`), TRL's through `model.generate` on the
 same prompt token ids, scored by the same function.
 
+A third side, "grpo-ray warm", is the same run started from a warm pool (`grpo-ray warm up demo
+seed=S`, cluster/warm_pool): the engines and the learner were started before the command, as a
+`trl vllm-serve` server is for TRL's server mode. The pool's own start is not on the axis (it is
+printed); it is stopped after its run, so it never shares the machine with the other sides' runs.
+The cold "grpo-ray" side sets `warm_pool=false`, so a pool of the user's own is never picked up.
+
 The time axis leaves out the evaluations the benchmark adds (every `--eval-every` steps, both sides),
 so they cost neither side; grpo-ray's step-0 and final evaluations are part of `grpo-ray train`
 and stay in. "+15 points" is the run's own step-0 accuracy + 0.15.
@@ -25,7 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +45,7 @@ from benchmarks.common import (
     DEMO_CONFIG,
     ROOT,
     Settings,
+    child_env,
     child_main,
     machine_cores,
     machine_info,
@@ -43,7 +55,8 @@ from benchmarks.common import (
 from grpo_ray.spans import process_start_time
 
 GAIN = 0.15  # "+15 points" of held-out accuracy over the run's own step 0
-SIDES = ("grpo-ray", "trl")
+SIDES = ("grpo-ray", "grpo-ray warm", "trl")
+WARM = "grpo-ray warm"
 
 
 # ---- children --------------------------------------------------------------------------------------
@@ -261,6 +274,7 @@ def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _grpo_overrides(spec: dict[str, Any]) -> list[str]:
     return [
+        *([] if spec.get("warm") else ["warm_pool=false"]),
         f"seed={spec['seed']}",
         f"steps={spec['steps']}",
         f"eval_every={spec['eval_every']}",
@@ -299,19 +313,51 @@ def run(seeds: list[int], steps: int, eval_every: int, out_dir: Path, timeout_s:
         child_timeout_s=timeout_s,
         cores=machine_cores(),
     )
-    kinds = {"grpo-ray": "grpo_ray", "trl": "trl"}
+    kinds = {"grpo-ray": "grpo_ray", WARM: "grpo_ray", "trl": "trl"}
     results = {"machine": machine_info(), "steps": steps, "eval_every": eval_every, "gain": GAIN}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for r, seed in enumerate(seeds):
         for side in rotated(SIDES, r):
             spec = {"kind": kinds[side], "seed": seed, "steps": steps, "eval_every": eval_every}
-            result = run_child("time_to_accuracy", spec, settings, f"tta-{side}-seed{seed}")
+            label = f"tta-{side.replace(' ', '-')}-seed{seed}"
+            if side == WARM:
+                with warm_pool(seed, settings.log_dir / f"{label}-warm-up.log") as (env, warm_up_s):
+                    result = run_child(
+                        "time_to_accuracy", {**spec, "warm": True, "env": env}, settings, label
+                    )
+                result["warm_up_s"] = warm_up_s
+            else:
+                result = run_child("time_to_accuracy", spec, settings, label)
             result["seed"] = seed
             result["time_to_gain_s"] = time_to_gain(result["curve"])
             runs[side].append(result)
             print(f"{side} seed {seed}: {_describe(result)}", flush=True)
             _write(out_dir, {**results, "runs": runs})  # what is done so far, in case the rest is cut short
     return {**results, "runs": runs}
+
+
+@contextmanager
+def warm_pool(seed: int, log: Path) -> Iterator[tuple[dict[str, str], float]]:
+    """A warm pool for the demo at `seed` in a cache directory of its own (the prompt-token cache
+    shared with the other sides); yields (the environment that finds it, seconds it took to start).
+    Stopped on exit, before its spares refill."""
+    from grpo_ray.cache_dir import cache_root
+
+    with tempfile.TemporaryDirectory(prefix="grpo-bench-warm-") as cache:
+        shared = cache_root()
+        if shared is not None:
+            (shared / "prompt-tokens").mkdir(parents=True, exist_ok=True)
+            (Path(cache) / "prompt-tokens").symlink_to(shared / "prompt-tokens")
+        env = {**child_env(), "GRPO_RAY_CACHE_DIR": cache}
+        cli = [sys.executable, "-m", "cluster.cli", "warm"]
+        begin = time.perf_counter()
+        with log.open("w") as out:
+            subprocess.run([*cli, "up", "demo", f"seed={seed}"], env=env, stdout=out, stderr=out, check=True)
+        try:
+            yield {"GRPO_RAY_CACHE_DIR": cache}, time.perf_counter() - begin
+        finally:
+            with log.open("a") as out:
+                subprocess.run([*cli, "down"], env=env, stdout=out, stderr=out, check=False)
 
 
 def _write(out_dir: Path, results: dict[str, Any]) -> None:
@@ -324,6 +370,8 @@ def _describe(result: dict[str, Any]) -> str:
     curve = result["curve"]
     hit = result["time_to_gain_s"]
     first = f", first step at {result['first_step_s']:.1f} s" if "first_step_s" in result else ""
+    if "warm_up_s" in result:
+        first += f" (pool warmed up beforehand in {result['warm_up_s']:.0f} s, not on the axis)"
     return (
         f"held-out {curve[0]['accuracy']:.3f} -> {curve[-1]['accuracy']:.3f}, "
         f"+{GAIN * 100:.0f} points at {'never' if hit is None else f'{hit:.1f} s'}, "
@@ -360,7 +408,13 @@ def markdown(results: dict[str, Any]) -> str:
             else f"{len(reached)}/{len(hits)} reached"
         )
         total = statistics.median(r["total_s"] for r in runs[side])
-        lines.append(f"- {side}: median time to +15 points {median}; median total {total:.1f} s")
+        warm_up = (
+            f" (the pool's own start beforehand, not on the axis: median "
+            f"{statistics.median(r['warm_up_s'] for r in runs[side]):.0f} s)"
+            if side == WARM
+            else ""
+        )
+        lines.append(f"- {side}: median time to +15 points {median}; median total {total:.1f} s{warm_up}")
     lines.append("")
     lines.append("Accuracy curves (t s: accuracy):")
     for side in SIDES:
@@ -388,8 +442,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     if "--spec" in sys.argv:
         child_main({"grpo_ray": grpo_ray_child, "trl": trl_child})
     else:

@@ -6,6 +6,7 @@
     grpo-ray export RUN_DIR --merged OUT               a full model directory
     grpo-ray report RUN_DIR                            RUN_DIR/report/index.html
     grpo-ray job runtime-env                           the runtime env JSON for `ray job submit`
+    grpo-ray warm up CONFIG [key=value ...]            start a run's actors ahead (warm down, warm status)
     grpo-ray configs                                   the shipped configs, by name
 
 Errors a user can fix are printed as one message, without a traceback.
@@ -91,6 +92,24 @@ def _parser() -> argparse.ArgumentParser:
         help="fail if the upload is larger (default %(default)g)",
     )
 
+    warm = commands.add_parser(
+        "warm", help="keep a run's actors started on this machine, so `train` starts in seconds"
+    )
+    warm_commands = warm.add_subparsers(dest="warm_command", required=True)
+    up = warm_commands.add_parser(
+        "up", help="start the rollout workers and learner of CONFIG in the background; returns when built"
+    )
+    up.add_argument("config", help="YAML run config or a shipped config's name")
+    up.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
+    up.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=120.0,
+        help="stop after this long without a run (default %(default)g)",
+    )
+    warm_commands.add_parser("down", help="stop the warm pool (its Ray and every spare)")
+    warm_commands.add_parser("status", help="say whether a warm pool runs, for which config, how it is")
+
     commands.add_parser("configs", help="list the shipped run configs (give their name to train/check)")
     return parser
 
@@ -164,6 +183,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report written to {write_report(Path(args.run_dir))}")
     elif args.command == "job":
         return _job_runtime_env(args.working_dir, args.limit_mib)
+    elif args.command == "warm":
+        return _warm(args)
     elif args.command == "configs":
         _list_configs()
     return 0
@@ -189,6 +210,25 @@ def _job_runtime_env(working_dir: Path, limit_mib: float) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(runtime_env(working_dir)))
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from cluster.warm_pool import client
+    from cluster.warm_pool.state import read_state
+
+    if args.warm_command == "up":
+        if args.idle_minutes <= 0:
+            raise ConfigError(f"--idle-minutes must be above 0, got {args.idle_minutes:g}")
+        try:
+            client.warm_up(load_config(args.config, args.overrides), args.idle_minutes)
+        except KeyboardInterrupt:
+            print("interrupted; the warm pool that was starting is stopped", file=sys.stderr)
+            return 130
+    elif args.warm_command == "down":
+        client.warm_down()
+    else:
+        print(client.describe(read_state()))
     return 0
 
 

@@ -228,6 +228,11 @@ class RunConfig(Strict):
         None,
         description="Ray cluster address ('auto': the running one); null: $RAY_ADDRESS, else a new local Ray.",
     )
+    warm_pool: bool = Field(
+        True,
+        description="Start from the spares of a `grpo-ray warm up` pool on this machine when they are "
+        "this run's actors (same settings, code and model); only runs without a Ray address.",
+    )
     data: DataConfig = Field(description="Where the prompts come from and how they are rendered.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="QLoRA learner and GRPO loss.")

@@ -86,7 +86,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     clock = StartupClock()
     clock.add("python + imports + config", clock.origin, time.time(), cpu=time.process_time())
     echo(derive_plan(cfg).render(cfg))
-    model = _model_path(cfg)
+    model = model_path(cfg)
     check_model_limits(cfg, required=True)  # an unreachable hub id fails here, before Ray starts
     check_run_root_writable(cfg)
     with clock.span("prompts + data (Ray starts meanwhile)"):
@@ -147,9 +147,9 @@ def evaluate_adapter(cfg: RunConfig, adapter_dir: Path, echo: Any = print) -> fl
     """
     from safetensors.torch import load_file
 
-    model = _model_path(cfg)
+    model = model_path(cfg)
     check_model_limits(cfg, required=True)
-    encoder = _prompt_encoder(cfg, model)
+    encoder = prompt_encoder(cfg, model)
     _, held_out = _load_data(cfg, encoder, echo)
     if not held_out:
         raise ConfigError(
@@ -356,12 +356,13 @@ def _local_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _model_path(cfg: RunConfig) -> str:
+def model_path(cfg: RunConfig) -> str:
+    """The config's model: a local directory when it is one (shipped paths too), else the hub id."""
     local = resolve_project_path(cfg.model)
     return str(local) if local.exists() else cfg.model
 
 
-def _prompt_encoder(cfg: RunConfig, model: str) -> CachedEncoder:
+def prompt_encoder(cfg: RunConfig, model: str) -> CachedEncoder:
     """The prompts' encoder: the tokenizer loads only if the token cache misses (or is off)."""
 
     def load_tokenizer() -> Any:
@@ -373,7 +374,7 @@ def _prompt_encoder(cfg: RunConfig, model: str) -> CachedEncoder:
 
 
 def _load_inputs(cfg: RunConfig, model: str, echo: Any) -> tuple[CachedEncoder, PromptSet, list[Prompt]]:
-    encoder = _prompt_encoder(cfg, model)
+    encoder = prompt_encoder(cfg, model)
     return (encoder, *_load_data(cfg, encoder, echo))
 
 

@@ -34,13 +34,19 @@ class Launched:
 def start_ray(cfg: RunConfig) -> bool:
     """Connect to (or start) Ray. True when this call connected (the caller shuts it down).
 
-    No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else a NEW local Ray bound
-    to loopback only (cluster/ray_session.py); ray.init() alone would join any Ray on the machine.
+    No address: the job's cluster inside `ray job submit` (RAY_ADDRESS), else the Ray of a warm pool
+    on this machine (cluster/warm_pool), else a NEW local Ray bound to loopback only
+    (cluster/ray_session.py); ray.init() alone would join any Ray on the machine.
     """
     import ray
 
+    from cluster.warm_pool import client as warm_pool
+
     if ray.is_initialized():
         return False
+    pool = warm_pool.usable(cfg)
+    if pool is not None and warm_pool.connect(pool):
+        return True  # `launch` claims the spares, or starts cold when they are not this run's
     init_ray(cfg.ray_address, log_to_driver=True)
     return True
 
@@ -105,13 +111,40 @@ def launch(
             ray_started = start_ray(cfg)
     if ray_started:
         stack.callback(ray.shutdown)
+    adopted = _adopt_warm_spares(cfg, model, pad_id, echo, clock)
     with clock.span("create actors"):
-        slots = WorkerSlots(cfg, model, echo)
+        slots = WorkerSlots(cfg, model, echo, adopted=adopted.workers if adopted else None)
         workers = [slots.start(i) for i in range(cfg.rollout.num_workers)]
         stack.callback(slots.stop)  # also when await_ready fails before the pool owns them
-        learner = start_learner_group(cfg, model, pad_id)
+        learner = adopted.learner if adopted else start_learner_group(cfg, model, pad_id)
         stack.callback(learner.stop)
     return Launched(cfg, learner, workers, slots)
+
+
+def _adopt_warm_spares(cfg: RunConfig, model: str, pad_id: int, echo: Any, clock: StartupClock) -> Any:
+    """The warm pool's spares when this run joined its Ray and they are this run's actors (a
+    cluster.warm_pool.client.Adopted), else None; a pool that cannot serve the run is left, and the
+    run starts its own Ray, as without a pool."""
+    import ray
+
+    from cluster.warm_pool import client as warm_pool
+
+    pool = warm_pool.connected()
+    if pool is None:
+        return None
+    with clock.span("claim warm spares"):
+        adopted, why = warm_pool.claim(cfg, model, pad_id)
+    if adopted is not None:
+        echo(
+            f"warm pool: this run starts from its {len(adopted.workers)} rollout worker(s) and learner "
+            f"(made by `grpo-ray warm up` for '{pool.config}', pid {pool.pid})"
+        )
+        return adopted
+    echo(f"warm pool of '{pool.config}' not used: {why}; starting cold")
+    ray.shutdown()
+    with clock.span("ray start"):
+        init_ray(cfg.ray_address, log_to_driver=True)
+    return None
 
 
 def await_ready(
@@ -121,13 +154,11 @@ def await_ready(
     (the first sync queues behind their constructors). Raises SyncError if the names do not map."""
     import ray
 
-    from cluster.placement import bundle_nodes
-
     cfg, workers, learner = launched.cfg, launched.workers, launched.learner
     with clock.span("wait for actors"):
         pool = RolloutPool(
             workers,
-            bundle_nodes(launched.slots.group),
+            launched.slots.nodes(len(workers)),
             launched.slots,
             prompts_per_chunk=cfg.rollout.prompts_per_chunk,
             max_restarts=cfg.rollout.max_restarts,

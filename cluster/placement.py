@@ -105,29 +105,52 @@ def start_learner_group(
     return LearnerGroup(ranks, cfg.learner, group)
 
 
-def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, strategy: Any = None) -> Any:
-    import uuid
+@dataclass(frozen=True)
+class ActorSpec:
+    """One actor as the run would create it: its class, constructor arguments and Ray options.
 
-    import ray
+    The warm pool (cluster/warm_pool) creates spares from the same spec, so a spare it hands a run
+    is the actor the run would have started itself, only started earlier.
+    """
 
+    cls: type
+    args: tuple[Any, ...]
+    options: dict[str, Any]
+
+    def create(self, **placement: Any) -> Any:
+        """The actor, with `placement` (name, scheduling_strategy, lifetime, ...) added to its options."""
+        import ray
+
+        return ray.remote(self.cls).options(**self.options, **placement).remote(*self.args)
+
+
+def learner_spec(cfg: RunConfig, model: str, pad_id: int) -> ActorSpec:
+    """The single learner's actor (placed on its own resources; a data-parallel rank adds its group)."""
     from learner.learner import Learner
 
+    bundle = plan_bundles(cfg)[0]
     options: dict[str, Any] = {
         "num_cpus": bundle.cpus,
         "num_gpus": bundle.gpus,
         "runtime_env": {"env_vars": learner_env(cfg)},
-        # named like the rollout workers (WorkerSlots), so tools find it with list_named_actors()
-        "name": f"{cfg.name}.{uuid.uuid4().hex[:8]}.learner",
     }
-    if strategy is not None:
-        options["scheduling_strategy"] = strategy
-    elif bundle.label:
+    if bundle.label:
         options["resources"] = {bundle.label: 0.001}
-    return (
-        ray.remote(Learner)
-        .options(**options)
-        .remote(model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
-    )
+    args = (model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
+    return ActorSpec(Learner, args, options)
+
+
+def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, strategy: Any = None) -> Any:
+    import uuid
+
+    spec = learner_spec(cfg, model, pad_id)
+    options = dict(spec.options, num_cpus=bundle.cpus, num_gpus=bundle.gpus)
+    # named like the rollout workers (WorkerSlots), so tools find it with list_named_actors()
+    placement: dict[str, Any] = {"name": f"{cfg.name}.{uuid.uuid4().hex[:8]}.learner"}
+    if strategy is not None:
+        options.pop("resources", None)
+        placement["scheduling_strategy"] = strategy
+    return ActorSpec(spec.cls, spec.args, options).create(**placement)
 
 
 def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[RolloutWorkerHandle], Any]:
@@ -147,29 +170,44 @@ class WorkerSlots:
     first group keeps its bundle reserved (a placement group cannot shrink) and is reused first
     when the pool grows again. Actors are named `<run>.<token>.rollout-<slot>.<restart>` so tools
     (and tests) find them with `ray.util.list_named_actors()`.
+
+    `adopted`: workers a warm pool already started (cluster/warm_pool), one per first slot, each on
+    its own reserved resources. Then there is no first group: the first `start(slot)` hands out the
+    adopted worker, and a restart gets a one-bundle group like a slot added later.
     """
 
-    def __init__(self, cfg: RunConfig, model: str, echo: Any = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, model: str, echo: Any = None, adopted: list[Any] | None = None
+    ) -> None:
         import uuid
 
         self.cfg = cfg
         self.model = model
         self.prefix = f"{cfg.name}.{uuid.uuid4().hex[:8]}"
-        self.first = cfg.rollout.num_workers
-        self.group = _worker_group(cfg, self.first, echo)
+        self.adopted = dict(enumerate(adopted or []))  # slot -> a warm pool's worker, until handed out
+        self.adopted_handed_out: list[Any] = []
+        self.running_adopted: set[int] = set()  # slots whose current worker came from the warm pool
+        self.first = 0 if adopted else cfg.rollout.num_workers
+        self.group = _worker_group(cfg, self.first, echo) if self.first else None
         self.own_groups: dict[int, Any] = {}  # slot -> the one-bundle group of a slot added later
         self.generation: dict[int, int] = {}  # slot -> actors started for it so far
 
     def start(self, slot: int) -> Any:
         """A new RolloutWorker for `slot`; returns at once (the engine loads in the actor)."""
+        generation = self.generation.get(slot, 0)
+        self.generation[slot] = generation + 1
+        if slot in self.adopted:
+            worker = self.adopted.pop(slot)
+            self.adopted_handed_out.append(worker)
+            self.running_adopted.add(slot)
+            return worker
+        self.running_adopted.discard(slot)
         if slot < self.first:
             group, index = self.group, slot
         else:
             if slot not in self.own_groups:
                 self.own_groups[slot] = _worker_group(self.cfg, 1, None, wait=False)
             group, index = self.own_groups[slot], 0
-        generation = self.generation.get(slot, 0)
-        self.generation[slot] = generation + 1
         name = f"{self.prefix}.rollout-{slot}.{generation}"
         return _worker_actor(self.cfg, self.model, slot, group, index, name)
 
@@ -184,6 +222,8 @@ class WorkerSlots:
 
     def node(self, slot: int) -> str:
         """The Ray node id `slot`'s bundle is placed on ('?' while it is being re-placed)."""
+        if slot in self.running_adopted:
+            return _local_node()  # an adopted worker: a warm pool is one machine, this driver's
         group, index = (self.group, slot) if slot < self.first else (self.own_groups.get(slot), 0)
         if group is None:
             return "?"
@@ -192,15 +232,31 @@ class WorkerSlots:
         except Exception:  # the table is best-effort information for log lines
             return "?"
 
+    def nodes(self, count: int) -> list[str]:
+        """`node(slot)` of slots 0..count-1."""
+        return [self.node(slot) for slot in range(count)]
+
     def stop(self) -> None:
-        """Remove every placement group (their actors go with them); a second call does nothing."""
+        """Remove every placement group (their actors go with them) and kill the adopted workers (a
+        warm pool's actors are detached: nothing else would); a second call does nothing."""
+        import ray
         from ray.util.placement_group import remove_placement_group
 
-        groups = [self.group, *self.own_groups.values()] if self.group is not None else []
-        for group in groups:
+        groups = [self.group] if self.group is not None else []
+        for group in [*groups, *self.own_groups.values()]:
             remove_placement_group(group)
+        for worker in [*self.adopted_handed_out, *self.adopted.values()]:
+            ray.kill(worker)
         self.group = None
         self.own_groups.clear()
+        self.adopted.clear()
+        self.adopted_handed_out.clear()
+
+
+def _local_node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def _worker_group(cfg: RunConfig, count: int, echo: Any, wait: bool = True) -> Any:
@@ -219,29 +275,32 @@ def _worker_group(cfg: RunConfig, count: int, echo: Any, wait: bool = True) -> A
     return group
 
 
-def _worker_actor(
-    cfg: RunConfig, model: str, slot: int, group: Any, bundle_index: int, name: str | None = None
-) -> Any:
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+def worker_spec(cfg: RunConfig, model: str, slot: int) -> ActorSpec:
+    """Rollout worker `slot`'s actor, before placement (the run adds its bundle, the warm pool none)."""
     from rollout.worker import RolloutWorker
 
     bundle = plan_bundles(cfg)[1]
     lora_rank = cfg.learner.lora.rank if cfg.sync == "adapter" else None
-    return (
-        ray.remote(RolloutWorker)
-        .options(
-            num_cpus=bundle.cpus,
-            num_gpus=bundle.gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=bundle_index
-            ),
-            runtime_env={"env_vars": worker_env(cfg)},
-            name=name,
-            max_restarts=0,  # the rollout pool restarts workers itself: it must re-sync them first
-        )
-        .remote(slot, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
+    options: dict[str, Any] = {
+        "num_cpus": bundle.cpus,
+        "num_gpus": bundle.gpus,
+        "runtime_env": {"env_vars": worker_env(cfg)},
+        "max_restarts": 0,  # the rollout pool restarts workers itself: it must re-sync them first
+    }
+    args = (slot, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
+    return ActorSpec(RolloutWorker, args, options)
+
+
+def _worker_actor(
+    cfg: RunConfig, model: str, slot: int, group: Any, bundle_index: int, name: str | None = None
+) -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return worker_spec(cfg, model, slot).create(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=bundle_index
+        ),
+        name=name,
     )
 
 

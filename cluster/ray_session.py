@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Read by ray._private.ray_constants at import, and by each Ray process this driver starts.
@@ -43,14 +45,9 @@ def init_ray(configured_address: str | None, **kwargs: Any) -> str:
 
         ray.init(address=address, **kwargs)
         return address
-    before = os.environ.get(_SINGLE_NODE_ENV)
-    os.environ[_SINGLE_NODE_ENV] = "0"  # inherited by the GCS, raylet and (through it) every worker
-    import ray
-    from ray._private import ray_constants
+    with _single_node():
+        import ray
 
-    enabled = ray_constants.ENABLE_RAY_CLUSTER  # read at import: ray may have been imported already
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
         ray.init(
             address=address,
             _node_ip_address=LOOPBACK,
@@ -61,10 +58,45 @@ def init_ray(configured_address: str | None, **kwargs: Any) -> str:
             _system_config={"prestart_worker_first_driver": False},
             **kwargs,
         )
+    return address
+
+
+def connect_loopback(address: str, **kwargs: Any) -> None:
+    """ray.init onto a Ray another process started with `init_ray(None)` on this machine (the warm
+    pool's, cluster/warm_pool): its node address is 127.0.0.1, so this driver must use it too, and
+    its token (Ray's ~/.ray/auth_token) when that Ray has token authentication on."""
+    kwargs.setdefault("logging_level", logging.WARNING)
+    with _single_node():
+        import ray
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        # It warns that token authentication is on: it is, as for every local Ray this project starts.
+        setup_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = setup_log.level
+        setup_log.setLevel(logging.ERROR)
+        try:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            setup_log.setLevel(level)
+        ray.init(address=address, _node_ip_address=LOOPBACK, **kwargs)
+
+
+@contextmanager
+def _single_node() -> Iterator[None]:
+    """Ray's loopback-only mode for what starts (or connects) inside the block, then as before."""
+    before = os.environ.get(_SINGLE_NODE_ENV)
+    os.environ[_SINGLE_NODE_ENV] = "0"  # inherited by the GCS, raylet and (through it) every worker
+    from ray._private import ray_constants
+
+    enabled = ray_constants.ENABLE_RAY_CLUSTER  # read at import: ray may have been imported already
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
     finally:  # only the processes started here are single-node; a later ray.init(address=...) is not
         ray_constants.ENABLE_RAY_CLUSTER = enabled
         if before is None:
             os.environ.pop(_SINGLE_NODE_ENV, None)
         else:
             os.environ[_SINGLE_NODE_ENV] = before
-    return address

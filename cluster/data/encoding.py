@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError
+from grpo_ray.cache_dir import cache_root
 
 Messages = list[dict[str, str]]
 
@@ -140,18 +141,10 @@ class CachedEncoder:
 
 
 def default_cache_dir() -> Path | None:
-    """$GRPO_RAY_CACHE_DIR, else $XDG_CACHE_HOME/grpo-ray, else ~/.cache/grpo-ray; + /prompt-tokens.
-    None (no cache) when none is set and the user has no home directory (a container's bare UID)."""
-    root = os.environ.get("GRPO_RAY_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        if not xdg:
-            try:
-                xdg = str(Path.home() / ".cache")
-            except (RuntimeError, KeyError):
-                return None
-        root = str(Path(xdg) / "grpo-ray")
-    return Path(root).expanduser() / "prompt-tokens"
+    """grpo_ray.cache_dir.cache_root() + /prompt-tokens ($GRPO_RAY_CACHE_DIR, else
+    $XDG_CACHE_HOME/grpo-ray, else ~/.cache/grpo-ray). None without a home directory."""
+    root = cache_root()
+    return None if root is None else root / "prompt-tokens"
 
 
 def tokenizer_digest(model: str) -> str | None:

@@ -57,7 +57,10 @@ class StartupClock:
         self.phases.append(Phase(where, name, begin, end, cpu))
 
     def add_actor(self, where: str, spans: list[Span]) -> None:
-        """An actor's own spans (`startup_spans()`), named `where` in the breakdown."""
+        """An actor's own spans (`startup_spans()`), named `where` in the breakdown; an actor that
+        was ready before this run began (a warm pool's spare) is named `where (warm pool)`."""
+        if spans and max(end for _, _, end, _ in spans) < self.origin:
+            where += " (warm pool)"
         for name, begin, end, cpu in spans:
             self.phases.append(Phase(where, name, begin, end, cpu))
 

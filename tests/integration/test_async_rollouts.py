@@ -29,7 +29,7 @@ from test_fault_tolerance import kill_learner_after_checkpoint, kill_learner_whe
 
 from cluster.config import RunConfig, load_config
 from cluster.data.prompts import PromptStream
-from cluster.driver import _load_inputs, _model_path, _start, run
+from cluster.driver import _load_inputs, _start, model_path, run
 from cluster.policy_sync import sync
 from grpo_ray.records import Batch
 from grpo_ray.seeds import prompt_seeds
@@ -68,7 +68,7 @@ def _per_step(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 def _serial_reference(cfg: RunConfig) -> dict[int, dict[str, float]]:
     """The synchronous loop written out by hand over the same actors and scorer."""
-    model = _model_path(cfg)
+    model = model_path(cfg)
     encoder, train, _ = _load_inputs(cfg, model, lambda *_: None)
     stream = PromptStream(train.prompts, seed=cfg.seed)
     out: dict[int, dict[str, float]] = {}

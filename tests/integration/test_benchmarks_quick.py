@@ -92,7 +92,7 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         assert heading in markdown
 
 
-def test_time_to_accuracy_quick_runs_both_sides(tmp_path: Path) -> None:
+def test_time_to_accuracy_quick_runs_every_side(tmp_path: Path) -> None:
     pytest.importorskip("trl")  # the baseline side is an optional dependency (scripts/bench.sh installs it)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = subprocess.run(
@@ -105,7 +105,7 @@ def test_time_to_accuracy_quick_runs_both_sides(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "time_to_accuracy.json").read_text())
-    for side in ("grpo-ray", "trl"):
+    for side in ("grpo-ray", "grpo-ray warm", "trl"):
         (run,) = results["runs"][side]
         steps = [point["step"] for point in run["curve"]]
         assert steps[0] == 0 and steps[-1] == 2  # --quick: 2 steps, evaluated at 0 and at the end
@@ -113,4 +113,5 @@ def test_time_to_accuracy_quick_runs_both_sides(tmp_path: Path) -> None:
         assert times == sorted(times) and 0 < times[0] < run["total_s"]
         assert all(0.0 <= point["accuracy"] <= 1.0 for point in run["curve"])
     assert results["runs"]["grpo-ray"][0]["first_step_s"] > 0
+    assert results["runs"]["grpo-ray warm"][0]["warm_up_s"] > 0  # the pool started before its run
     assert "## Time to accuracy" in (tmp_path / "time_to_accuracy.md").read_text()

@@ -1,0 +1,148 @@
+"""SparePool: the Ray actor that holds one config's spares and hands them to one run at a time.
+
+It lives in the warm pool's own Ray (cluster/warm_pool/daemon.py), detached, in NAMESPACE. Its
+methods run one at a time (a plain Ray actor), so two runs cannot claim the same spares; a thread
+watches the run that holds them and, once that run's driver is gone, kills whatever of them is left
+and starts new spares for the next run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.placement import ActorSpec
+from cluster.warm_pool.keys import SpareKey, mismatch
+
+NAMESPACE = "grpo-ray-warm"
+POOL_NAME = "spare-pool"
+WATCH_INTERVAL_S = 0.5
+
+
+@dataclass
+class _Spare:
+    key: SpareKey
+    spec: ActorSpec
+    actor: Any = None
+    ready: Any = None  # resolves when the actor's constructor has finished (its startup_spans)
+
+
+class SparePool:
+    """The spares of one config: `claim` hands all of them to a run, `status` says how they are."""
+
+    def __init__(self, spares: list[tuple[SpareKey, ActorSpec]]) -> None:
+        self._spares = [_Spare(key, spec) for key, spec in spares]
+        self._lock = threading.Lock()
+        self._lease: Any = None  # an object the claiming driver owns: lost when that driver is gone
+        self._generation = 0
+        self.claims = 0
+        self.last_release = time.time()
+        self._start_spares()
+        threading.Thread(target=self._watch, name="spare-pool-watch", daemon=True).start()
+
+    def keys(self) -> list[SpareKey]:
+        """The spares' keys, in the order `claim` hands the actors out."""
+        return [spare.key for spare in self._spares]
+
+    def claim(self, wanted: list[SpareKey], lease: list[Any]) -> tuple[list[Any] | None, str]:
+        """(every spare's actor handle, "") when `wanted` matches the keys and none is in use, else
+        (None, why not). `lease` is `[ObjectRef]` of an object the caller's driver owns: the spares
+        are the caller's until that object is lost (its driver exited or was killed)."""
+        with self._lock:
+            if self._lease is not None:
+                return None, "its spares are in use by another run"
+            why = mismatch(self.keys(), wanted)
+            if why is not None:
+                return None, why
+            failed = self._failed()
+            if failed:
+                return None, "a spare failed to start (" + "; ".join(failed) + ")"
+            self._lease = lease[0]
+            self.claims += 1
+            return [spare.actor for spare in self._spares], ""
+
+    def status(self) -> dict[str, Any]:
+        """{'spares', 'ready' (constructed), 'failed' (role: error, for each spare whose constructor
+        raised), 'in_use', 'claims', 'idle_s' (0 while in use)}."""
+        import ray
+
+        with self._lock:
+            refs = [spare.ready for spare in self._spares]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+            return {
+                "spares": len(refs),
+                "ready": len(ready),
+                "failed": self._failed(),
+                "in_use": self._lease is not None,
+                "claims": self.claims,
+                "idle_s": 0.0 if self._lease is not None else time.time() - self.last_release,
+            }
+
+    def _failed(self) -> list[str]:
+        """'role: error' of each spare whose constructor raised (or whose process died)."""
+        import ray
+
+        failed = []
+        for spare in self._spares:
+            done, _ = ray.wait([spare.ready], timeout=0)
+            if not done:
+                continue
+            try:
+                ray.get(spare.ready)
+            except Exception as err:
+                failed.append(f"{spare.key['role']}: {_first_line(err)}")
+        return failed
+
+    def _start_spares(self) -> None:
+        self._generation += 1
+        for spare in self._spares:
+            spare.actor = spare.spec.create(
+                name=f"spare.{self._generation}.{spare.key['role']}",
+                namespace=NAMESPACE,
+                lifetime="detached",  # the claiming run's driver must not own it: it outlives this call
+            )
+            spare.ready = spare.actor.startup_spans.remote()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            with self._lock:
+                if self._lease is None or not _owner_gone(self._lease):
+                    continue
+                self._release()
+
+    def _release(self) -> None:
+        """The run is gone: what it left alive goes, and the next run's spares start (a run ends by
+        killing its actors, so they start on the resources it freed)."""
+        import contextlib
+
+        import ray
+
+        for spare in self._spares:
+            with contextlib.suppress(Exception):  # already dead: the run killed it
+                ray.kill(spare.actor)
+        self._lease = None
+        self.last_release = time.time()
+        self._start_spares()
+
+
+def _owner_gone(lease: Any) -> bool:
+    import ray
+    from ray.exceptions import GetTimeoutError, ObjectLostError
+
+    try:
+        ray.get(lease, timeout=1.0)
+    except GetTimeoutError:  # a driver too busy to answer is still there
+        return False
+    except ObjectLostError:  # OwnerDiedError is one
+        return True
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    """The message of the error a constructor raised, without Ray's wrapping and traceback."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,89 @@
+"""Warm pool keys: a spare matches exactly the runs whose actor it is, and a mismatch says why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from cluster.warm_pool.keys import mismatch, model_digest, run_spares
+from cluster.warm_pool.state import PoolState, read_state, write_state
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _keys(*overrides: str, model: str = "assets/tiny-qwen2", pad_id: int = 0) -> list[dict[str, str]]:
+    return [key for key, _ in run_spares(load_config(DEMO, list(overrides)), model, pad_id)]
+
+
+def test_run_settings_no_actor_sees_leave_the_keys_alone() -> None:
+    # name, steps, run_root, eval cadence: the driver's business; a pool made for 30 steps serves 2.
+    assert _keys() == _keys("name=other", "steps=2", "run_root=/elsewhere", "eval_every=5")
+
+
+def test_a_setting_changes_the_key_of_the_actors_that_see_it_and_no_other() -> None:
+    base = _keys()
+    assert [k["role"] for k in base] == ["rollout-0", "rollout-1", "learner"]
+    engine = _keys("rollout.kv_cache_mb=64")
+    assert [a["actor"] != b["actor"] for a, b in zip(base, engine, strict=True)] == [True, True, False]
+    learner = _keys("learner.learning_rate=1e-3")
+    assert [a["actor"] != b["actor"] for a, b in zip(base, learner, strict=True)] == [False, False, True]
+    assert _keys(pad_id=1)[-1]["actor"] != base[-1]["actor"]  # the learner's pad id is an argument too
+    seed = _keys("seed=1")
+    assert all(a["actor"] != b["actor"] for a, b in zip(base, seed, strict=True))  # engine seeds, LoRA init
+
+
+def test_a_mismatch_names_what_differs() -> None:
+    base = _keys()
+    assert mismatch(base, base) is None
+    assert mismatch(base, _keys("rollout.num_workers=1")) == (
+        "it holds rollout-0, rollout-1, learner; this run starts rollout-0, learner"
+    )
+    assert mismatch(base, _keys("learner.learning_rate=1e-3")) == (
+        "this run's settings differ from the config it was warmed up with (learner)"
+    )
+    edited = [dict(k, code="0" * 64) for k in base]
+    assert mismatch(base, edited) == (
+        "the project's code or its packages changed since it was warmed up (rollout-0, rollout-1, learner)"
+    )
+
+
+def test_the_model_key_follows_the_model_directorys_files(tmp_path: Path, tiny_model: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    before = model_digest(str(copy))
+    assert model_digest(str(copy)) == before
+    config = copy / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000_000))
+    assert model_digest(str(copy)) != before  # rebuilt or re-downloaded files: the spares are stale
+    assert model_digest("Qwen/Qwen2.5-0.5B") != model_digest("Qwen/Qwen2.5-1.5B")
+
+
+def test_a_data_parallel_learner_has_no_spare() -> None:
+    cfg = load_config(DEMO, ["learner.num_gpus=2"])
+    with pytest.raises(ValueError, match="the warm pool holds one learner"):
+        run_spares(cfg, "assets/tiny-qwen2", 0)
+
+
+def _state(pid: int) -> PoolState:
+    return PoolState(pid=pid, address="127.0.0.1:1", config="demo", config_path="", log="", started=0.0)
+
+
+def test_a_state_file_whose_daemon_is_gone_is_removed_when_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    write_state(_state(int(gone.stdout)))
+    assert read_state() is None
+    assert not (tmp_path / "warm-pool" / "state.json").exists()
+    # A live process that is not a warm pool daemon (the number was reused): not a pool either.
+    write_state(_state(os.getpid()))
+    assert read_state() is None
