@@ -97,7 +97,7 @@ def run(cfg: RunConfig, echo: Any = print) -> RunResult:
     try:
         checkpoint, state, learner_state = _resume_point(cfg, run_dir, echo)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_device_memory(cfg, model, echo)
+        check_device_memory(cfg, model, echo)
         (run_dir / "config.yaml").write_text(_dump_yaml(cfg))
     except BaseException:
         if ray_started:  # refused before any actor: the Ray started for this run goes with it
@@ -318,7 +318,7 @@ def _open_session(
     )
 
 
-def _check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
+def check_device_memory(cfg: RunConfig, model: str, echo: Any) -> None:
     """Before any actor starts: the memory plan `grpo-ray check` prints, for the devices whose size is
     known; a plan that does not fit is refused with the same advice.
 

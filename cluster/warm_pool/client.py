@@ -96,7 +96,7 @@ def warm_up(cfg: RunConfig, idle_minutes: float, echo: Any = print) -> None:
     when `cfg` cannot use one (a Ray address, a data-parallel learner) or the pool fails to start
     (its log's last lines in the message).
     """
-    from cluster.driver import model_path
+    from cluster.driver import check_device_memory, model_path
     from cluster.planning.model_limits import check_model_limits
     from cluster.warm_pool.keys import run_spares
 
@@ -110,6 +110,9 @@ def warm_up(cfg: RunConfig, idle_minutes: float, echo: Any = print) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_model_limits(cfg, required=True)  # a model that cannot load fails here, not in the daemon
+    check_device_memory(
+        cfg.model_copy(deep=True), model_path(cfg), lambda line: None
+    )  # and a plan that cannot fit
     directory = pool_dir()
     if directory is None:
         raise ConfigError("no cache directory for the warm pool: set $GRPO_RAY_CACHE_DIR")

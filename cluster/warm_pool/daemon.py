@@ -73,10 +73,13 @@ def main(argv: list[str]) -> int:
 
 def _spares(cfg: RunConfig) -> list[tuple[SpareKey, ActorSpec]]:
     """(key, spec) of each spare; the learner's pad id needs the tokenizer (or the token cache)."""
-    from cluster.driver import model_path, prompt_encoder
+    from cluster.driver import check_device_memory, model_path, prompt_encoder
     from cluster.warm_pool.keys import local_model, run_spares
 
     model = local_model(model_path(cfg))
+    # A colocated run on a GPU sets vLLM's memory fraction from this plan before it starts its
+    # actors: the spares must be built with the same fraction, or no run would match them.
+    check_device_memory(cfg, model, print)
     return run_spares(cfg, model, prompt_encoder(cfg, model).pad_id)
 
 

@@ -39,12 +39,12 @@ def test_split_with_a_known_gpu_size_is_refused_before_any_actor(
 
 def test_a_plan_that_fits_is_printed_and_an_unknown_size_is_not_checked() -> None:
     printed: list[str] = []
-    driver._check_device_memory(
+    driver.check_device_memory(
         load_config(DEMO, ["gpu_memory_gib=24"]),
         str(DEMO.parent.parent / "assets" / "tiny-qwen2"),
         printed.append,
     )
     assert len(printed) == 1 and ": fits," in printed[0]
     printed.clear()
-    driver._check_device_memory(load_config(DEMO), "unused: no size, no check", printed.append)
+    driver.check_device_memory(load_config(DEMO), "unused: no size, no check", printed.append)
     assert printed == []

@@ -87,3 +87,29 @@ def test_a_state_file_whose_daemon_is_gone_is_removed_when_read(
     # A live process that is not a warm pool daemon (the number was reused): not a pool either.
     write_state(_state(os.getpid()))
     assert read_state() is None
+
+
+def test_spares_for_a_colocated_gpu_run_get_the_memory_fraction_the_run_sets(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path
+) -> None:
+    # A colocated run on a GPU replaces rollout.gpu_memory_utilization with its memory plan's value
+    # before starting actors; spares built from the config as loaded would never match it. The GPU
+    # is simulated (24 GiB): what is checked is which config the keys are computed from.
+    import torch
+
+    from cluster import driver
+    from cluster.warm_pool import daemon
+
+    class Device:
+        total_memory = 24 * 2**30
+
+    monkeypatch.setattr(driver, "_local_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Device())
+    overrides = ["placement=colocate", "rollout.num_workers=1", "rollout.gpu_memory_utilization=0.9"]
+    spares = daemon._spares(load_config(DEMO, overrides))
+    run_cfg = load_config(DEMO, overrides)
+    model = str(tiny_model.resolve())
+    driver.check_device_memory(run_cfg, model, lambda line: None)
+    assert run_cfg.rollout.gpu_memory_utilization != 0.9  # the plan did change it
+    pad_id = spares[-1][1].args[-1]
+    assert [key for key, _ in spares] == [key for key, _ in run_spares(run_cfg, model, pad_id)]
