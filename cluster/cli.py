@@ -107,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
         default=120.0,
         help="stop after this long without a run (default %(default)g)",
     )
-    warm_commands.add_parser("down", help="stop the warm pool (its Ray and every spare)")
+    down = warm_commands.add_parser("down", help="stop the warm pool (its Ray and every spare)")
+    down.add_argument(
+        "--force", action="store_true", help="stop it even while a run uses its actors (that run ends)"
+    )
     warm_commands.add_parser("status", help="say whether a warm pool runs, for which config, how it is")
 
     commands.add_parser("configs", help="list the shipped run configs (give their name to train/check)")
@@ -218,15 +221,17 @@ def _warm(args: argparse.Namespace) -> int:
     from cluster.warm_pool.state import read_state
 
     if args.warm_command == "up":
-        if args.idle_minutes <= 0:
-            raise ConfigError(f"--idle-minutes must be above 0, got {args.idle_minutes:g}")
+        if not args.idle_minutes > 0:  # NaN too: it would never compare above the idle time
+            raise ConfigError(
+                f"--idle-minutes must be a number above 0 (inf: never), got {args.idle_minutes:g}"
+            )
         try:
             client.warm_up(load_config(args.config, args.overrides), args.idle_minutes)
         except KeyboardInterrupt:
             print("interrupted; the warm pool that was starting is stopped", file=sys.stderr)
             return 130
     elif args.warm_command == "down":
-        client.warm_down()
+        client.warm_down(force=args.force)
     else:
         print(client.describe(read_state()))
     return 0

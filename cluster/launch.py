@@ -131,6 +131,9 @@ def _adopt_warm_spares(cfg: RunConfig, model: str, pad_id: int, echo: Any, clock
 
     pool = warm_pool.connected()
     if pool is None:
+        notice = warm_pool.take_notice()
+        if notice is not None:
+            echo(notice)
         return None
     with clock.span("claim warm spares"):
         adopted, why = warm_pool.claim(cfg, model, pad_id)

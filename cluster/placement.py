@@ -116,6 +116,7 @@ class ActorSpec:
     cls: type
     args: tuple[Any, ...]
     options: dict[str, Any]
+    arg_names: tuple[str, ...] = ()  # where each argument comes from in the run config, for messages
 
     def create(self, **placement: Any) -> Any:
         """The actor, with `placement` (name, scheduling_strategy, lifetime, ...) added to its options."""
@@ -137,7 +138,8 @@ def learner_spec(cfg: RunConfig, model: str, pad_id: int) -> ActorSpec:
     if bundle.label:
         options["resources"] = {bundle.label: 0.001}
     args = (model, cfg.learner, cfg.seed, cfg.rollout.sampling.temperature, cfg.rollout.dtype, pad_id)
-    return ActorSpec(Learner, args, options)
+    names = ("model", "learner", "seed", "rollout.sampling.temperature", "rollout.dtype", "pad_id")
+    return ActorSpec(Learner, args, options, names)
 
 
 def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, strategy: Any = None) -> Any:
@@ -150,7 +152,7 @@ def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, stra
     if strategy is not None:
         options.pop("resources", None)
         placement["scheduling_strategy"] = strategy
-    return ActorSpec(spec.cls, spec.args, options).create(**placement)
+    return ActorSpec(spec.cls, spec.args, options, spec.arg_names).create(**placement)
 
 
 def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[RolloutWorkerHandle], Any]:
@@ -288,7 +290,8 @@ def worker_spec(cfg: RunConfig, model: str, slot: int) -> ActorSpec:
         "max_restarts": 0,  # the rollout pool restarts workers itself: it must re-sync them first
     }
     args = (slot, model, cfg.rollout, cfg.seed, lora_rank, cfg.placement == "colocate")
-    return ActorSpec(RolloutWorker, args, options)
+    names = ("slot", "model", "rollout", "seed", "learner.lora.rank", "placement colocate")
+    return ActorSpec(RolloutWorker, args, options, names)
 
 
 def _worker_actor(

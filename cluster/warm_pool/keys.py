@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cluster", "grpo_ray", "learner", "rollout", "rewards")  # what the actors import from us
 DISTRIBUTIONS = ("torch", "vllm", "transformers", "peft", "bitsandbytes", "ray", "tokenizers", "safetensors")
 
-SpareKey = dict[str, str]  # role, actor, code, model
+SpareKey = dict[str, str]  # role, actor, code, model (digests); settings (JSON, for messages only)
+MAX_NAMED = 3  # differing settings a mismatch message names
 
 
-def spare_key(role: str, spec: ActorSpec, model: str) -> SpareKey:
-    """The key of the actor `spec` describes, for `role` ('rollout-0', ..., 'learner')."""
+def spare_key(role: str, spec: ActorSpec, model: str, code: str | None = None) -> SpareKey:
+    """The key of the actor `spec` describes, for `role` ('rollout-0', ..., 'learner').
+
+    `code`: `code_digest()` when the caller has it already. `settings` holds the constructor's
+    arguments by parameter name and the Ray options, flattened: a mismatch names what differs.
+    """
     actor = {
         "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
         "args": _plain(spec.args),
         "options": _plain(spec.options),
     }
-    return {"role": role, "actor": _digest(actor), "code": code_digest(), "model": model_digest(model)}
+    names = spec.arg_names or tuple(inspect.signature(spec.cls).parameters)[: len(spec.args)]
+    settings = _flatten({**dict(zip(names, actor["args"], strict=True)), "ray": actor["options"]})
+    return {
+        "role": role,
+        "actor": _digest(actor),
+        "code": code if code is not None else code_digest(),
+        "model": model_digest(model),
+        "settings": json.dumps(settings, sort_keys=True, default=repr),
+    }
 
 
 def mismatch(held: list[SpareKey], wanted: list[SpareKey]) -> str | None:
@@ -43,20 +56,47 @@ def mismatch(held: list[SpareKey], wanted: list[SpareKey]) -> str | None:
     for part, words in (
         ("code", "the project's code or its packages changed since it was warmed up"),
         ("model", "the model's files changed since it was warmed up"),
-        ("actor", "this run's settings differ from the config it was warmed up with"),
     ):
         differ = [w["role"] for h, w in zip(held, wanted, strict=True) if h[part] != w[part]]
         if differ:
             return f"{words} ({', '.join(differ)})"
-    return None
+    changes: dict[str, list[str]] = {}  # "role: setting warm -> this run" -> roles
+    for h, w in zip(held, wanted, strict=True):
+        if h["actor"] != w["actor"]:
+            for change in _changed(json.loads(h["settings"]), json.loads(w["settings"])):
+                changes.setdefault(change, []).append(h["role"])
+    if not changes and all(h["actor"] == w["actor"] for h, w in zip(held, wanted, strict=True)):
+        return None
+    named = [f"{', '.join(roles)}: {change}" for change, roles in list(changes.items())[:MAX_NAMED]]
+    more = f"; and {len(changes) - MAX_NAMED} more" if len(changes) > MAX_NAMED else ""
+    return (
+        "this run's settings differ from the config it was warmed up with ("
+        + ("; ".join(named) or "its actors' arguments")
+        + more
+        + "): warm up with this run's config to use the pool"
+    )
 
 
-@cache
+def _changed(held: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [
+        f"{name} {held.get(name, '(none)')!r} in the pool, {wanted.get(name, '(none)')!r} here"
+        for name in sorted(set(held) | set(wanted))
+        if held.get(name) != wanted.get(name)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
 def code_digest() -> str:
-    """The project's sources under PACKAGES, the installed versions of DISTRIBUTIONS, the interpreter.
-
-    Cached per process: a run computes it once (about 5 ms for the ~100 files).
-    """
+    """The project's sources under PACKAGES, the installed versions of DISTRIBUTIONS, the interpreter,
+    as they are on disk now (about 5 ms for the ~100 files): what a process started now imports."""
     digest = hashlib.sha256(f"{sys.executable} {sys.version}".encode())
     for package in PACKAGES:
         for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
@@ -115,8 +155,10 @@ def run_spares(cfg: Any, model: str, pad_id: int) -> list[tuple[SpareKey, ActorS
     if learner_world_size(cfg) != 1:
         raise ValueError(
             f"the warm pool holds one learner; learner.num_gpus = {cfg.learner.num_gpus} starts "
-            f"{learner_world_size(cfg)} data-parallel ranks"
+            f"{learner_world_size(cfg)} data-parallel ranks: run this config without a pool, or warm "
+            "up with learner.num_gpus=1"
         )
     specs = [(f"rollout-{slot}", worker_spec(cfg, model, slot)) for slot in range(cfg.rollout.num_workers)]
     specs.append(("learner", learner_spec(cfg, model, pad_id)))
-    return [(spare_key(role, spec, model), spec) for role, spec in specs]
+    code = code_digest()
+    return [(spare_key(role, spec, model, code), spec) for role, spec in specs]

@@ -3,22 +3,25 @@
 It lives in the warm pool's own Ray (cluster/warm_pool/daemon.py), detached, in NAMESPACE. Its
 methods run one at a time (a plain Ray actor), so two runs cannot claim the same spares; a thread
 watches the run that holds them and, once that run's driver is gone, kills whatever of them is left
-and starts new spares for the next run.
+and starts new spares for the next run. While no run holds them it also replaces a spare that died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.placement import ActorSpec
-from cluster.warm_pool.keys import SpareKey, mismatch
+from cluster.warm_pool.keys import SpareKey, code_digest, mismatch, model_digest
 
 NAMESPACE = "grpo-ray-warm"
 POOL_NAME = "spare-pool"
 WATCH_INTERVAL_S = 0.5
+PING_EVERY_S = 2.0  # how often idle spares are checked to be alive
+PING_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -27,19 +30,27 @@ class _Spare:
     spec: ActorSpec
     actor: Any = None
     ready: Any = None  # resolves when the actor's constructor has finished (its startup_spans)
+    generation: int = 0
 
 
 class SparePool:
-    """The spares of one config: `claim` hands all of them to a run, `status` says how they are."""
+    """The spares of one config: `claim` hands all of them to a run, `status` says how they are.
 
-    def __init__(self, spares: list[tuple[SpareKey, ActorSpec]]) -> None:
+    `model` is the model the specs load (keys.local_model): a spare started later is keyed by the
+    code and model files on disk when it starts, which is what its process imports and loads.
+    """
+
+    def __init__(self, spares: list[tuple[SpareKey, ActorSpec]], model: str) -> None:
         self._spares = [_Spare(key, spec) for key, spec in spares]
+        self._model = model
         self._lock = threading.Lock()
         self._lease: Any = None  # an object the claiming driver owns: lost when that driver is gone
-        self._generation = 0
         self.claims = 0
-        self.last_release = time.time()
-        self._start_spares()
+        self._idle_since = time.time()  # reset while spares are building: idle means built, unused
+        self._pinged = 0.0
+        with self._lock:
+            for spare in self._spares:
+                self._start(spare)
         threading.Thread(target=self._watch, name="spare-pool-watch", daemon=True).start()
 
     def keys(self) -> list[SpareKey]:
@@ -49,10 +60,12 @@ class SparePool:
     def claim(self, wanted: list[SpareKey], lease: list[Any]) -> tuple[list[Any] | None, str]:
         """(every spare's actor handle, "") when `wanted` matches the keys and none is in use, else
         (None, why not). `lease` is `[ObjectRef]` of an object the caller's driver owns: the spares
-        are the caller's until that object is lost (its driver exited or was killed)."""
+        are the caller's until that object is lost (its driver exited or was killed). A spare found
+        dead is replaced first (the run then adopts its replacement while it builds)."""
         with self._lock:
             if self._lease is not None:
                 return None, "its spares are in use by another run"
+            self._replace_dead()
             why = mismatch(self.keys(), wanted)
             if why is not None:
                 return None, why
@@ -65,23 +78,41 @@ class SparePool:
 
     def status(self) -> dict[str, Any]:
         """{'spares', 'ready' (constructed), 'failed' (role: error, for each spare whose constructor
-        raised), 'in_use', 'claims', 'idle_s' (0 while in use)}."""
-        import ray
-
+        raised), 'in_use', 'claims', 'idle_s' (seconds built and unused; 0 while in use or building)}."""
         with self._lock:
-            refs = [spare.ready for spare in self._spares]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+            ready = self._ready_count()
+            now = time.time()
+            if self._lease is not None or ready < len(self._spares):
+                self._idle_since = now
             return {
-                "spares": len(refs),
-                "ready": len(ready),
+                "spares": len(self._spares),
+                "ready": ready,
                 "failed": self._failed(),
                 "in_use": self._lease is not None,
                 "claims": self.claims,
-                "idle_s": 0.0 if self._lease is not None else time.time() - self.last_release,
+                "idle_s": now - self._idle_since,
             }
 
+    def _start(self, spare: _Spare) -> None:
+        spare.generation += 1
+        # What the new process will import and load: the files on disk now, not at warm up.
+        spare.key = {**spare.key, "code": code_digest(), "model": model_digest(self._model)}
+        spare.actor = spare.spec.create(
+            name=f"spare.{spare.key['role']}.{spare.generation}",
+            namespace=NAMESPACE,
+            lifetime="detached",  # the claiming run's driver must not own it: it outlives this call
+        )
+        spare.ready = spare.actor.startup_spans.remote()
+
+    def _ready_count(self) -> int:
+        import ray
+
+        refs = [spare.ready for spare in self._spares]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return len(done)
+
     def _failed(self) -> list[str]:
-        """'role: error' of each spare whose constructor raised (or whose process died)."""
+        """'role: error' of each spare whose constructor raised."""
         import ray
 
         failed = []
@@ -95,37 +126,48 @@ class SparePool:
                 failed.append(f"{spare.key['role']}: {_first_line(err)}")
         return failed
 
-    def _start_spares(self) -> None:
-        self._generation += 1
+    def _replace_dead(self) -> None:
+        """Start a new spare for each built one that no longer answers (killed, out of memory)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         for spare in self._spares:
-            spare.actor = spare.spec.create(
-                name=f"spare.{self._generation}.{spare.key['role']}",
-                namespace=NAMESPACE,
-                lifetime="detached",  # the claiming run's driver must not own it: it outlives this call
-            )
-            spare.ready = spare.actor.startup_spans.remote()
+            done, _ = ray.wait([spare.ready], timeout=0)
+            if not done:
+                continue
+            try:
+                ray.get(spare.ready)
+            except Exception:  # its constructor raised: _failed() reports it, a retry would too
+                continue
+            try:
+                ray.get(spare.actor.startup_spans.remote(), timeout=PING_TIMEOUT_S)
+            except GetTimeoutError:  # alive but slow to answer: left as it is
+                continue
+            except RayActorError:
+                self._start(spare)
 
     def _watch(self) -> None:
         while True:
             time.sleep(WATCH_INTERVAL_S)
             with self._lock:
-                if self._lease is None or not _owner_gone(self._lease):
-                    continue
-                self._release()
+                if self._lease is None:
+                    if time.time() - self._pinged > PING_EVERY_S:
+                        self._replace_dead()
+                        self._pinged = time.time()
+                elif _owner_gone(self._lease):
+                    self._release()
 
     def _release(self) -> None:
         """The run is gone: what it left alive goes, and the next run's spares start (a run ends by
         killing its actors, so they start on the resources it freed)."""
-        import contextlib
-
         import ray
 
         for spare in self._spares:
             with contextlib.suppress(Exception):  # already dead: the run killed it
                 ray.kill(spare.actor)
         self._lease = None
-        self.last_release = time.time()
-        self._start_spares()
+        for spare in self._spares:
+            self._start(spare)
 
 
 def _owner_gone(lease: Any) -> bool:

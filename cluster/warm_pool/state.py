@@ -23,7 +23,7 @@ class PoolState:
     config_path: str  # the resolved config the spares were made from (JSON)
     log: str  # the daemon's output
     started: float  # epoch seconds
-    spares: int = 0
+    spares: int = 0  # 0 while the daemon is still starting (its Ray is up, its spares not yet made)
     ready: int = 0  # spares whose constructor has finished
     failed: list[str] = field(default_factory=list)  # 'role: error' of spares that failed to start
     in_use: bool = False
@@ -47,11 +47,18 @@ def read_state() -> PoolState | None:
         state = PoolState(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):  # torn or from another version: as good as none
         return None
+    if not isinstance(state.pid, int) or isinstance(state.pid, bool) or not isinstance(state.address, str):
+        return None  # hand-edited or foreign: nothing this project wrote
     if not _alive(state.pid):
         with contextlib.suppress(OSError):
             path.unlink()
         return None
     return state
+
+
+def alive(pid: int) -> bool:
+    """Whether the warm pool daemon `pid` still runs."""
+    return _alive(pid)
 
 
 def write_state(state: PoolState) -> None:
@@ -76,9 +83,11 @@ def remove_state(pid: int) -> None:
 
 def _alive(pid: int) -> bool:
     """Whether `pid` is still a warm pool daemon (not just any process that reused the number)."""
+    if pid <= 0:  # 0 and negatives name process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or someone else's process took the number
+    except (ProcessLookupError, PermissionError, OverflowError):  # gone, someone else's, or no pid
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:

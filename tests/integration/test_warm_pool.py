@@ -123,28 +123,39 @@ def test_a_killed_run_gives_its_spares_back_and_the_pool_refills(
         assert run.poll() is None, run.stdout.read() if run.stdout else ""
         time.sleep(0.2)
     assert _state(pool)["in_use"]
+    # Stopping the pool now would end the run: refused, and the run goes on.
+    down = subprocess.run([*CLI, "warm", "down"], env=pool, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 2 and "a run is using the warm pool of 'demo'" in down.stderr, down.stderr
+    assert run.poll() is None
     os.kill(run.pid, signal.SIGKILL)  # no clean-up at all: the spares are detached, only the pool frees them
     run.wait()
     assert run.stdout is not None and ADOPTED in run.stdout.read()
     after = _idle_and_built(pool)
     assert after["claims"] == before["claims"] + 1
     # The killed run's actors are gone, not left holding the machine: only the new spares are named.
-    listing = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, ray; from cluster.ray_session import connect_loopback; "
-            "connect_loopback(sys.argv[1]); "
-            "print(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True)))",
-            after["address"],
-        ],
-        env=pool,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    names = _in_pool(
+        pool,
+        after["address"],
+        "names = sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True))",
     )
-    names = eval(listing.stdout.strip().splitlines()[-1])
-    generation = {name.split(".")[1] for name in names if name.startswith("spare.")}
+    generation = {name.rsplit(".", 1)[1] for name in names if name.startswith("spare.")}
     assert len(names) == 4 and "spare-pool" in names and len(generation) == 1, names
-    # ... and the next run starts from them.
+    # An idle spare that dies (here the learner's) is replaced, not handed to the next run dead.
+    learner = next(name for name in names if name.startswith("spare.learner."))
+    _in_pool(
+        pool, after["address"], f"ray.kill(ray.get_actor({learner!r}, namespace='grpo-ray-warm')); names = []"
+    )
     assert ADOPTED in _train(pool, tmp_path, "steps=1", "name=next").stdout
+
+
+def _in_pool(env: dict[str, str], address: str, code: str) -> list[str]:
+    """Run `code` on a driver joined to the pool's Ray; it sets `names`, which is returned."""
+    script = (
+        "import sys, ray; from cluster.ray_session import connect_loopback; "
+        f"connect_loopback(sys.argv[1]); {code}; print(repr(names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

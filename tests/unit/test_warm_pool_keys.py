@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,12 @@ def test_a_mismatch_names_what_differs() -> None:
         "it holds rollout-0, rollout-1, learner; this run starts rollout-0, learner"
     )
     assert mismatch(base, _keys("learner.learning_rate=1e-3")) == (
-        "this run's settings differ from the config it was warmed up with (learner)"
+        "this run's settings differ from the config it was warmed up with (learner: "
+        "learner.learning_rate 0.002 in the pool, 0.001 here): warm up with this run's config to use the pool"
+    )
+    assert mismatch(base, _keys("rollout.sampling.temperature=0.7")) == (
+        "this run's settings differ from the config it was warmed up with (rollout-0, rollout-1, learner: "
+        "rollout.sampling.temperature 1.0 in the pool, 0.7 here): warm up with this run's config to use the pool"
     )
     edited = [dict(k, code="0" * 64) for k in base]
     assert mismatch(base, edited) == (
@@ -87,6 +94,29 @@ def test_a_state_file_whose_daemon_is_gone_is_removed_when_read(
     # A live process that is not a warm pool daemon (the number was reused): not a pool either.
     write_state(_state(os.getpid()))
     assert read_state() is None
+    # Hand-edited pids: not a pool, and no traceback in status, down or train.
+    for pid in ("abc", 1.5, 99999999999, -1, 0, True):
+        (tmp_path / "warm-pool" / "state.json").write_text(json.dumps({**asdict(_state(1)), "pid": pid}))
+        assert read_state() is None, pid
+
+
+def test_a_pool_whose_ray_is_gone_is_not_joined_and_the_run_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ray.init on an address nothing listens at retries for minutes: the port is probed first.
+    from cluster.warm_pool import client
+
+    assert not client.connect(_state(os.getpid()))  # 127.0.0.1:1: nothing listens there
+    notice = client.take_notice()
+    assert notice is not None and notice.startswith("the warm pool of 'demo' (pid ")
+    assert "does not answer at 127.0.0.1:1 (its Ray stopped); starting cold" in notice
+    assert client.take_notice() is None
+
+
+def test_idle_minutes_must_be_a_positive_number(capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    for value in ("nan", "0", "-5"):
+        assert main(["warm", "up", "demo", "--idle-minutes", value]) == 2
+        assert "--idle-minutes must be a number above 0 (inf: never)" in capsys.readouterr().err
 
 
 def test_spares_for_a_colocated_gpu_run_get_the_memory_fraction_the_run_sets(
