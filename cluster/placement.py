@@ -6,7 +6,7 @@ each (SPREAD over nodes). `colocate`: the learner and one engine on the same GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.config import RunConfig
@@ -152,7 +152,7 @@ def _learner_actor(cfg: RunConfig, model: str, pad_id: int, bundle: Bundle, stra
     if strategy is not None:
         options.pop("resources", None)
         placement["scheduling_strategy"] = strategy
-    return ActorSpec(spec.cls, spec.args, options, spec.arg_names).create(**placement)
+    return replace(spec, options=options).create(**placement)
 
 
 def start_workers(cfg: RunConfig, model: str, echo: Any = None) -> tuple[list[RolloutWorkerHandle], Any]:
@@ -186,8 +186,8 @@ class WorkerSlots:
         self.cfg = cfg
         self.model = model
         self.prefix = f"{cfg.name}.{uuid.uuid4().hex[:8]}"
-        self.adopted = dict(enumerate(adopted or []))  # slot -> a warm pool's worker, until handed out
-        self.adopted_handed_out: list[Any] = []
+        self.adopted_workers = list(adopted or [])  # all of them: detached, `stop` must kill them
+        self.adopted = dict(enumerate(self.adopted_workers))  # slot -> one not yet handed out
         self.running_adopted: set[int] = set()  # slots whose current worker came from the warm pool
         self.first = 0 if adopted else cfg.rollout.num_workers
         self.group = _worker_group(cfg, self.first, echo) if self.first else None
@@ -199,10 +199,8 @@ class WorkerSlots:
         generation = self.generation.get(slot, 0)
         self.generation[slot] = generation + 1
         if slot in self.adopted:
-            worker = self.adopted.pop(slot)
-            self.adopted_handed_out.append(worker)
             self.running_adopted.add(slot)
-            return worker
+            return self.adopted.pop(slot)
         self.running_adopted.discard(slot)
         if slot < self.first:
             group, index = self.group, slot
@@ -247,12 +245,12 @@ class WorkerSlots:
         groups = [self.group] if self.group is not None else []
         for group in [*groups, *self.own_groups.values()]:
             remove_placement_group(group)
-        for worker in [*self.adopted_handed_out, *self.adopted.values()]:
+        for worker in self.adopted_workers:
             ray.kill(worker)
         self.group = None
         self.own_groups.clear()
         self.adopted.clear()
-        self.adopted_handed_out.clear()
+        self.adopted_workers.clear()
 
 
 def _local_node() -> str:

@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
 def _serve(cfg: RunConfig, config_json: Path, idle_limit_s: float, stopping: list[int]) -> int:
     import ray
 
+    from cluster.driver import model_path
     from cluster.ray_session import init_ray
     from cluster.warm_pool.keys import local_model
     from cluster.warm_pool.registry import NAMESPACE, POOL_NAME, SparePool
@@ -70,12 +71,13 @@ def _serve(cfg: RunConfig, config_json: Path, idle_limit_s: float, stopping: lis
     )
     try:
         write_state(state)  # from now on `warm status` and `warm down` see it (spares: 0, starting)
-        spares = _spares(cfg)
+        model = local_model(model_path(cfg))
+        spares = _spares(cfg, model)
         _check_resources(spares)
         pool: Any = (
             ray.remote(SparePool)
             .options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0)
-            .remote(spares, local_model(_model(cfg)))
+            .remote(spares, model)
         )
         while not stopping:
             try:
@@ -114,18 +116,12 @@ def _check_resources(spares: list[tuple[SpareKey, ActorSpec]]) -> None:
             )
 
 
-def _model(cfg: RunConfig) -> str:
-    from cluster.driver import model_path
+def _spares(cfg: RunConfig, model: str) -> list[tuple[SpareKey, ActorSpec]]:
+    """(key, spec) of each spare of `model` (keys.local_model); the learner's pad id needs the
+    tokenizer (or the token cache)."""
+    from cluster.driver import check_device_memory, prompt_encoder
+    from cluster.warm_pool.keys import run_spares
 
-    return model_path(cfg)
-
-
-def _spares(cfg: RunConfig) -> list[tuple[SpareKey, ActorSpec]]:
-    """(key, spec) of each spare; the learner's pad id needs the tokenizer (or the token cache)."""
-    from cluster.driver import check_device_memory, model_path, prompt_encoder
-    from cluster.warm_pool.keys import local_model, run_spares
-
-    model = local_model(model_path(cfg))
     # A colocated run on a GPU sets vLLM's memory fraction from this plan before it starts its
     # actors: the spares must be built with the same fraction, or no run would match them.
     check_device_memory(cfg, model, print)

@@ -26,11 +26,10 @@ SpareKey = dict[str, str]  # role, actor, code, model (digests); settings (JSON,
 MAX_NAMED = 3  # differing settings a mismatch message names
 
 
-def spare_key(role: str, spec: ActorSpec, model: str, code: str | None = None) -> SpareKey:
-    """The key of the actor `spec` describes, for `role` ('rollout-0', ..., 'learner').
-
-    `code`: `code_digest()` when the caller has it already. `settings` holds the constructor's
-    arguments by parameter name and the Ray options, flattened: a mismatch names what differs.
+def spare_key(role: str, spec: ActorSpec, code: str, model: str) -> SpareKey:
+    """The key of the actor `spec` describes, for `role` ('rollout-0', ..., 'learner'), with the
+    `code_digest()` and `model_digest()` of what it imports and loads. `settings` holds the
+    constructor's arguments by name and the Ray options, flattened: a mismatch names what differs.
     """
     actor = {
         "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
@@ -42,8 +41,8 @@ def spare_key(role: str, spec: ActorSpec, model: str, code: str | None = None) -
     return {
         "role": role,
         "actor": _digest(actor),
-        "code": code if code is not None else code_digest(),
-        "model": model_digest(model),
+        "code": code,
+        "model": model,
         "settings": json.dumps(settings, sort_keys=True, default=repr),
     }
 
@@ -60,13 +59,13 @@ def mismatch(held: list[SpareKey], wanted: list[SpareKey]) -> str | None:
         differ = [w["role"] for h, w in zip(held, wanted, strict=True) if h[part] != w[part]]
         if differ:
             return f"{words} ({', '.join(differ)})"
-    changes: dict[str, list[str]] = {}  # "role: setting warm -> this run" -> roles
+    if all(h["actor"] == w["actor"] for h, w in zip(held, wanted, strict=True)):
+        return None
+    changes: dict[str, list[str]] = {}  # "setting: pool's value, this run's" -> roles
     for h, w in zip(held, wanted, strict=True):
         if h["actor"] != w["actor"]:
             for change in _changed(json.loads(h["settings"]), json.loads(w["settings"])):
                 changes.setdefault(change, []).append(h["role"])
-    if not changes and all(h["actor"] == w["actor"] for h, w in zip(held, wanted, strict=True)):
-        return None
     named = [f"{', '.join(roles)}: {change}" for change, roles in list(changes.items())[:MAX_NAMED]]
     more = f"; and {len(changes) - MAX_NAMED} more" if len(changes) > MAX_NAMED else ""
     return (
@@ -160,5 +159,5 @@ def run_spares(cfg: Any, model: str, pad_id: int) -> list[tuple[SpareKey, ActorS
         )
     specs = [(f"rollout-{slot}", worker_spec(cfg, model, slot)) for slot in range(cfg.rollout.num_workers)]
     specs.append(("learner", learner_spec(cfg, model, pad_id)))
-    code = code_digest()
-    return [(spare_key(role, spec, model, code), spec) for role, spec in specs]
+    code, files = code_digest(), model_digest(model)
+    return [(spare_key(role, spec, code, files), spec) for role, spec in specs]

@@ -113,18 +113,11 @@ class SparePool:
 
     def _failed(self) -> list[str]:
         """'role: error' of each spare whose constructor raised."""
-        import ray
-
-        failed = []
-        for spare in self._spares:
-            done, _ = ray.wait([spare.ready], timeout=0)
-            if not done:
-                continue
-            try:
-                ray.get(spare.ready)
-            except Exception as err:
-                failed.append(f"{spare.key['role']}: {_first_line(err)}")
-        return failed
+        return [
+            f"{spare.key['role']}: {_first_line(error)}"
+            for spare in self._spares
+            if isinstance(error := _construction(spare), BaseException)
+        ]
 
     def _replace_dead(self) -> None:
         """Start a new spare for each built one that no longer answers (killed, out of memory)."""
@@ -132,13 +125,8 @@ class SparePool:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         for spare in self._spares:
-            done, _ = ray.wait([spare.ready], timeout=0)
-            if not done:
-                continue
-            try:
-                ray.get(spare.ready)
-            except Exception:  # its constructor raised: _failed() reports it, a retry would too
-                continue
+            if _construction(spare) is not True:  # still building, or its constructor raised
+                continue  # (_failed() reports that: a retry would raise again)
             try:
                 ray.get(spare.actor.startup_spans.remote(), timeout=PING_TIMEOUT_S)
             except GetTimeoutError:  # alive but slow to answer: left as it is
@@ -168,6 +156,20 @@ class SparePool:
         self._lease = None
         for spare in self._spares:
             self._start(spare)
+
+
+def _construction(spare: _Spare) -> bool | BaseException:
+    """How `spare`'s constructor ended: False while it runs, True when it returned, else its error."""
+    import ray
+
+    done, _ = ray.wait([spare.ready], timeout=0)
+    if not done:
+        return False
+    try:
+        ray.get(spare.ready)
+    except Exception as err:
+        return err
+    return True
 
 
 def _owner_gone(lease: Any) -> bool:

@@ -136,9 +136,9 @@ def test_spares_for_a_colocated_gpu_run_get_the_memory_fraction_the_run_sets(
     monkeypatch.setattr(driver, "_local_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Device())
     overrides = ["placement=colocate", "rollout.num_workers=1", "rollout.gpu_memory_utilization=0.9"]
-    spares = daemon._spares(load_config(DEMO, overrides))
-    run_cfg = load_config(DEMO, overrides)
     model = str(tiny_model.resolve())
+    spares = daemon._spares(load_config(DEMO, overrides), model)
+    run_cfg = load_config(DEMO, overrides)
     driver.check_device_memory(run_cfg, model, lambda line: None)
     assert run_cfg.rollout.gpu_memory_utilization != 0.9  # the plan did change it
     pad_id = spares[-1][1].args[-1]
